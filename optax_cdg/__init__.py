@@ -1,0 +1,32 @@
+"""Channel-directed gradients for Optax.
+
+Replace the gradient of every conv kernel by its gradient in a Sobolev or
+re-weighted L2 metric along the output-channel axis, before any optimizer
+sees it (Lao et al., arXiv 2008.10766).
+"""
+
+from optax_cdg._gains import spectral_gain
+from optax_cdg._lsgd import laplacian_smoothing
+from optax_cdg._operator import metric_gradient
+from optax_cdg._selection import conv_kernels
+from optax_cdg._selection import KernelSpec
+from optax_cdg._selection import linen_conv_kernels
+from optax_cdg._selection import nnx_conv_kernels
+from optax_cdg._transform import channel_directed
+from optax_cdg._transform import ChannelDirectedState
+from optax_cdg._transform import DEFAULT_SMOOTHING
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ChannelDirectedState",
+    "DEFAULT_SMOOTHING",
+    "KernelSpec",
+    "channel_directed",
+    "conv_kernels",
+    "laplacian_smoothing",
+    "linen_conv_kernels",
+    "metric_gradient",
+    "nnx_conv_kernels",
+    "spectral_gain",
+)

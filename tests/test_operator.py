@@ -1,0 +1,240 @@
+"""Tests of optax_cdg.metric_gradient against dense float64 solves."""
+
+import itertools
+
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_cdg
+from _reference import apply_dense, metric_matrix
+
+METRICS = ("sobolev", "sobolev_mean", "reweighted", "l2")
+BOUNDARIES = ("periodic", "neumann")
+SIZES = (1, 2, 3, 7, 64, 127)
+LAMBDA = {"sobolev": 3e-3, "sobolev_mean": 3e-3, "reweighted": 4.0, "l2": 1.0}
+
+
+def _random(shape, seed=0, dtype=np.float32):
+  return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def _assert_matches(out, ref, rtol=2e-5):
+  ref = np.asarray(ref)
+  scale = max(np.abs(ref).max(), 1e-30)
+  np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=0,
+                             atol=rtol * scale)
+
+
+class DenseReferenceTest(parameterized.TestCase):
+  """Property 1: equals the dense reference to float32 accuracy."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(
+      n=SIZES, metric=METRICS, boundary=BOUNDARIES, scale=("unit", "grid"))
+  def test_one_axis(self, n, metric, boundary, scale):
+    lam = LAMBDA[metric] if scale == "unit" else LAMBDA[metric] * 100
+    x = _random((2, 3, n), seed=n)
+    f = self.variant(lambda g: optax_cdg.metric_gradient(
+        g, lam, metric=metric, boundary=boundary, scale=scale))
+    out = f(jnp.asarray(x))
+    ref = apply_dense(x, (-1,), metric_matrix((n,), lam, metric, boundary,
+                                              scale))
+    _assert_matches(out, ref)
+
+  @parameterized.product(
+      shape_axes=[((5, 4, 3, 2), (0, 1)), ((3, 6, 7, 2), (0, 1, 2)),
+                  ((4, 1, 3, 5), (0, 1)), ((6, 5, 4), (0, 2))],
+      metric=METRICS, boundary=BOUNDARIES)
+  def test_several_axes(self, shape_axes, metric, boundary):
+    shape, axes = shape_axes
+    lam = LAMBDA[metric]
+    x = _random(shape, seed=len(axes))
+    out = optax_cdg.metric_gradient(jnp.asarray(x), lam, metric=metric,
+                                    axes=axes, boundary=boundary)
+    sizes = [shape[a] for a in axes]
+    ref = apply_dense(x, axes, metric_matrix(sizes, lam, metric, boundary))
+    _assert_matches(out, ref)
+
+  @parameterized.product(axis=(0, 1, -2), boundary=BOUNDARIES)
+  def test_axis_other_than_last(self, axis, boundary):
+    x = _random((7, 5, 3))
+    out = optax_cdg.metric_gradient(jnp.asarray(x), 0.01, axes=axis,
+                                    boundary=boundary)
+    n = x.shape[axis]
+    ref = apply_dense(x, (axis,), metric_matrix((n,), 0.01, "sobolev",
+                                                boundary))
+    _assert_matches(out, ref)
+
+  def test_axis_order_is_irrelevant(self):
+    x = jnp.asarray(_random((4, 5, 6)))
+    a = optax_cdg.metric_gradient(x, 0.01, axes=(0, 1))
+    b = optax_cdg.metric_gradient(x, 0.01, axes=(1, -3))
+    np.testing.assert_array_equal(a, b)
+
+
+class PropertiesTest(parameterized.TestCase):
+  """Properties 2-5 and 7 of cdg-math.md, section 3."""
+
+  @parameterized.product(metric=METRICS, boundary=BOUNDARIES, n=(7, 64))
+  def test_linear_self_adjoint_positive(self, metric, boundary, n):
+    lam = LAMBDA[metric]
+    op = lambda g: np.asarray(optax_cdg.metric_gradient(
+        jnp.asarray(g), lam, metric=metric, boundary=boundary), np.float64)
+    x, y = _random((3, n), 1), _random((3, n), 2)
+    a, b = 1.7, -0.3
+    lin = op(a * x + b * y)
+    np.testing.assert_allclose(lin, a * op(x) + b * op(y), atol=2e-5 *
+                               np.abs(lin).max())
+    lhs, rhs = np.sum(op(x) * y), np.sum(x * op(y))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
+    # Positive per fiber, also for the highest frequency alone.
+    nyquist = np.cos(np.pi * np.arange(n))[None].astype(np.float32)
+    for f in (x, y, nyquist):
+      assert np.all(np.sum(f * op(f), axis=-1) > 0)
+
+  @parameterized.product(metric=METRICS, boundary=BOUNDARIES,
+                         lam=(1e-6, 1e-2, 10.0))
+  def test_keeps_the_mean(self, metric, boundary, lam):
+    x = _random((4, 33), 3) + 5.0
+    out = optax_cdg.metric_gradient(jnp.asarray(x), lam, metric=metric,
+                                    boundary=boundary)
+    # Exact in exact arithmetic; in float32 the mean carries the rounding
+    # error of the (possibly amplified, lam -> 0) deviations.
+    tol = 1e-5 * np.abs(x).max() + 4e-7 * np.abs(np.asarray(out)).max()
+    np.testing.assert_allclose(np.mean(out, -1), np.mean(x, -1), atol=tol)
+
+  @parameterized.product(boundary=BOUNDARIES, scale=("unit", "grid"))
+  def test_identity_values(self, boundary, scale):
+    x = jnp.asarray(_random((3, 17)))
+    for metric, lam in (("sobolev", 0.0), ("reweighted", 1.0), ("l2", 7.0)):
+      out = optax_cdg.metric_gradient(x, lam, metric=metric,
+                                      boundary=boundary, scale=scale)
+      np.testing.assert_allclose(out, x, atol=2e-6)
+
+  @parameterized.product(metric=METRICS, boundary=BOUNDARIES)
+  def test_acts_fiber_by_fiber(self, metric, boundary):
+    x = _random((5, 4, 9), 4)
+    perm0, perm1 = np.random.default_rng(0).permutation(5), [3, 1, 0, 2]
+    op = lambda g: np.asarray(optax_cdg.metric_gradient(
+        jnp.asarray(g), LAMBDA[metric], metric=metric, boundary=boundary))
+    np.testing.assert_allclose(op(x[perm0][:, perm1]), op(x)[perm0][:, perm1],
+                               atol=1e-6)
+    # A fiber's result depends on nothing but that fiber.
+    y = x.copy()
+    y[0, 0] = 100.0
+    np.testing.assert_array_equal(op(y)[1:], op(x)[1:])
+
+  def test_smoothing_damps_high_frequencies(self):
+    n = 64
+    k = np.arange(n)
+    low = np.cos(2 * np.pi * k / n).astype(np.float32)
+    high = np.cos(2 * np.pi * 20 * k / n).astype(np.float32)
+    out_low = optax_cdg.metric_gradient(jnp.asarray(low), 1e-3)
+    out_high = optax_cdg.metric_gradient(jnp.asarray(high), 1e-3)
+    gain = optax_cdg.spectral_gain(n, 1e-3)
+    np.testing.assert_allclose(out_low, gain[1] * low, atol=1e-6)
+    np.testing.assert_allclose(out_high, gain[20] * high, atol=1e-6)
+    assert gain[20] < gain[1] < 1.0
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(dtype=(jnp.bfloat16, jnp.float16),
+                         metric=("sobolev", "reweighted"))
+  def test_half_precision_is_computed_in_float32(self, dtype, metric):
+    x32 = jnp.asarray(_random((3, 4, 16)))
+    x = x32.astype(dtype)
+    out = self.variant(lambda g: optax_cdg.metric_gradient(
+        g, LAMBDA[metric], metric=metric))(x)
+    assert out.dtype == dtype and out.shape == x.shape
+    # Exactly the float32 result of the rounded input, rounded once.
+    ref = optax_cdg.metric_gradient(x.astype(jnp.float32), LAMBDA[metric],
+                                    metric=metric).astype(dtype)
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(ref, np.float32))
+
+  @parameterized.parameters((0,), (1,))
+  def test_empty_and_single_channel(self, n):
+    x = jnp.ones((3, 2, n))
+    for metric in METRICS:
+      out = optax_cdg.metric_gradient(x, LAMBDA[metric], metric=metric)
+      assert out.shape == x.shape and out.dtype == x.dtype
+      np.testing.assert_array_equal(out, x)
+
+  def test_spatial_axes_with_zero_size(self):
+    x = jnp.ones((0, 3, 2, 4))
+    out = optax_cdg.metric_gradient(x, 0.1, axes=(0, 1))
+    assert out.shape == x.shape
+
+
+class TransformationsTest(parameterized.TestCase):
+
+  def test_vmap_and_grad(self):
+    x = jnp.asarray(_random((4, 3, 8)))
+    f = lambda g: optax_cdg.metric_gradient(g, 0.01)
+    np.testing.assert_allclose(jax.vmap(f)(x), f(x), atol=1e-6)
+    # The operator is self-adjoint, so the gradient of <w, A^{-1} x> is A^{-1} w.
+    w = jnp.asarray(_random((4, 3, 8), 9))
+    g = jax.grad(lambda z: jnp.sum(w * f(z)))(x)
+    np.testing.assert_allclose(g, f(w), atol=1e-5)
+
+  def test_traced_smoothing(self):
+    x = jnp.asarray(_random((2, 16)))
+    for metric in ("sobolev", "sobolev_mean", "reweighted"):
+      f = jax.jit(lambda g, lam: optax_cdg.metric_gradient(g, lam,
+                                                           metric=metric))
+      np.testing.assert_allclose(
+          f(x, jnp.asarray(0.02, jnp.bfloat16)),
+          optax_cdg.metric_gradient(x, float(jnp.bfloat16(0.02)),
+                                    metric=metric), rtol=1e-5, atol=1e-6)
+
+  @parameterized.product(metric=("sobolev", "sobolev_mean", "reweighted"),
+                         lam=(-1.0, np.nan, np.inf))
+  def test_rejected_traced_smoothing_is_loud(self, metric, lam):
+    x = jnp.asarray(_random((2, 16)))
+    f = jax.jit(lambda g, s: optax_cdg.metric_gradient(g, s, metric=metric))
+    assert np.all(np.isnan(f(x, lam)))
+    if metric != "sobolev":
+      assert np.all(np.isnan(f(x, 0.0)))
+
+  def test_float64(self):
+    with jax.enable_x64(True):
+      x = jnp.asarray(_random((2, 31), dtype=np.float64))
+      out = optax_cdg.metric_gradient(x, 0.01, boundary="neumann")
+      assert out.dtype == jnp.float64
+      ref = apply_dense(x, (-1,), metric_matrix((31,), 0.01, "sobolev",
+                                                "neumann"))
+      np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+
+
+class BadInputTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("metric", dict(metric="h1"), ValueError, "metric='h1'"),
+      ("boundary", dict(boundary="dirichlet"), ValueError, "boundary="),
+      ("scale", dict(scale="pixel"), ValueError, "scale='pixel'"),
+      ("axes_range", dict(axes=(3,)), ValueError, "out of range"),
+      ("axes_repeat", dict(axes=(1, -2)), ValueError, "same axis twice"),
+      ("axes_empty", dict(axes=()), ValueError, "at least one axis"),
+      ("axes_type", dict(axes=(0.5,)), TypeError, "must contain ints"),
+      ("negative", dict(smoothing=-1.0), ValueError, "smoothing=-1.0"),
+      ("nan", dict(smoothing=float("nan")), ValueError, "finite"),
+      ("zero_mean", dict(smoothing=0.0, metric="sobolev_mean"), ValueError,
+       "> 0"),
+      ("zero_rew", dict(smoothing=0.0, metric="reweighted"), ValueError,
+       "> 0"),
+      ("string", dict(smoothing="0.1"), TypeError, "real number"),
+      ("vector", dict(smoothing=np.ones(2)), TypeError, "real scalar"),
+  )
+  def test_bad_argument(self, kwargs, error, message):
+    kwargs = dict(kwargs)
+    smoothing = kwargs.pop("smoothing", 0.1)
+    with pytest.raises(error, match=message):
+      optax_cdg.metric_gradient(jnp.ones((2, 3, 4)), smoothing, **kwargs)
+
+  @parameterized.parameters(jnp.int32, jnp.bool_, jnp.complex64)
+  def test_non_float_grad(self, dtype):
+    with pytest.raises(TypeError, match="real floating-point"):
+      optax_cdg.metric_gradient(jnp.ones((2, 4), dtype), 0.1)

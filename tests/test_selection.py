@@ -1,0 +1,141 @@
+"""Tests of kernel selection: the heuristic and the exact helpers."""
+
+from absl.testing import parameterized
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_cdg
+from optax_cdg import _selection
+from _models import (LINEN_MIXED_CONVS, LINEN_MIXED_INPUT, LinenCNN,
+                     LinenMixed, NNX_MIXED_CONVS, NNXMixed)
+
+
+def _selected(spec_tree):
+  """Paths of the truthy values of a spec tree."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      spec_tree, is_leaf=_selection.is_spec_leaf)[0]
+  return {_selection.path_names(p): s for p, s in leaves
+          if s is not None and s is not False}
+
+
+def _linen_mixed_params():
+  return jax.eval_shape(LinenMixed().init, jax.random.key(0),
+                        LINEN_MIXED_INPUT)["params"]
+
+
+class HeuristicTest(parameterized.TestCase):
+
+  def test_cnn_with_batchnorm_and_dense(self):
+    params = jax.eval_shape(LinenCNN().init, jax.random.key(0),
+                            jnp.ones((1, 8, 8, 1)))["params"]
+    assert set(_selected(optax_cdg.conv_kernels(params))) == {
+        ("Conv_0", "kernel"), ("Conv_1", "kernel")}
+
+  def test_leaves_attention_and_general_dense_alone(self):
+    got = set(_selected(optax_cdg.conv_kernels(_linen_mixed_params())))
+    for path in got:
+      assert not any(p.startswith(("MultiHeadDotProductAttention",
+                                   "DenseGeneral", "Einsum")) for p in path)
+    # Its documented limit: a DenseGeneral with a custom name looks like a
+    # conv kernel, and transpose_kernel's output axis is not known.
+    assert ("proj", "kernel") in got
+    assert set(LINEN_MIXED_CONVS) <= got
+
+  def test_nnx_states_of_variables_and_pure_states(self):
+    model = NNXMixed(nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    for tree in (state, nnx.as_pure(state)):
+      got = set(_selected(optax_cdg.conv_kernels(tree)))
+      assert set(NNX_MIXED_CONVS) <= got
+      assert not any("attn" in p for p in got)
+      assert ("proj", "kernel") in got  # the documented limit again
+
+  def test_skips_non_float_and_small_leaves(self):
+    tree = {"a": {"kernel": jnp.ones((3, 3, 2), jnp.int32)},
+            "b": {"kernel": jnp.ones((3, 2))},
+            "c": {"kernel": jnp.ones((3, 3, 2))},
+            "d": None, "e": optax.MaskedNode()}
+    out = optax_cdg.conv_kernels(tree)
+    assert _selected(out) == {("c", "kernel"): True}
+    assert out["d"] is None and isinstance(out["e"], optax.MaskedNode)
+
+
+class ExactHelpersTest(parameterized.TestCase):
+
+  def test_linen_selects_exactly_the_convs(self):
+    params = _linen_mixed_params()
+    sel = optax_cdg.linen_conv_kernels(LinenMixed(), LINEN_MIXED_INPUT)
+    got = _selected(sel(params))
+    assert got == {p: optax_cdg.KernelSpec(*v)
+                   for p, v in LINEN_MIXED_CONVS.items()}
+
+  def test_linen_with_concrete_inputs_and_kwargs(self):
+    sel = optax_cdg.linen_conv_kernels(LinenCNN(), jnp.ones((1, 8, 8, 1)),
+                                       train=True)
+    params = LinenCNN().init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    assert set(_selected(sel(params["params"]))) == {
+        ("Conv_0", "kernel"), ("Conv_1", "kernel")}
+
+  def test_nnx_selects_exactly_the_convs(self):
+    model = NNXMixed(nnx.Rngs(0))
+    sel = optax_cdg.nnx_conv_kernels(model)
+    state = nnx.state(model, nnx.Param)
+    want = {p: optax_cdg.KernelSpec(*v) for p, v in NNX_MIXED_CONVS.items()}
+    assert _selected(sel(state)) == want
+    assert _selected(sel(nnx.as_pure(state))) == want
+
+  def test_wrong_tree_is_an_error(self):
+    sel = optax_cdg.linen_conv_kernels(LinenCNN(), jnp.ones((1, 8, 8, 1)))
+    variables = LinenCNN().init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    with pytest.raises(ValueError, match="none of the 2 conv kernels"):
+      sel(variables)  # the whole variables dict, not its "params"
+    other = LinenCNN().init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+    with pytest.raises(ValueError, match="shape"):
+      sel(other["params"])
+
+  def test_helpers_reject_the_wrong_model_kind(self):
+    with pytest.raises(TypeError, match="flax.linen.Module"):
+      optax_cdg.linen_conv_kernels(NNXMixed(nnx.Rngs(0)))
+    with pytest.raises(TypeError, match="flax.nnx.Module"):
+      optax_cdg.nnx_conv_kernels(LinenCNN())
+
+
+class ResolveSpecTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("output", True, "output", (3,)),
+      ("input", True, "input", (2,)),
+      ("spatial", True, "spatial", (0, 1)),
+      ("transposed_output", -2, "output", (2,)),
+      ("transposed_input", -2, "input", (3,)),
+      ("positive_axis", 3, "output", (3,)),
+      ("stacked_spatial", optax_cdg.KernelSpec(-1, 1), "spatial", (1,)),
+      ("not_selected", False, "output", None),
+      ("none", None, "output", None),
+      ("numpy_bool", np.bool_(True), "output", (3,)),
+  )
+  def test_axes(self, spec, direction, axes):
+    leaf = jnp.ones((3, 3, 4, 8))
+    assert _selection.resolve_spec(spec, (), leaf, direction) == axes
+
+  @parameterized.named_parameters(
+      ("axis", 0, (3, 3, 4, 8), "output", ValueError, "one of the last two"),
+      ("stacked", optax_cdg.KernelSpec(-1, 3), (3, 3, 4, 8), "output",
+       ValueError, "stacked_axes=3"),
+      ("no_spatial", True, (4, 8), "spatial", ValueError, "spatial axes"),
+      ("vector", True, (8,), "output", ValueError, "at least 2 dimensions"),
+      ("value", "yes", (3, 4, 8), "output", TypeError, "expected None"),
+  )
+  def test_errors(self, spec, shape, direction, error, message):
+    with pytest.raises(error, match=message):
+      _selection.resolve_spec(spec, (), jnp.ones(shape), direction)
+
+  def test_non_float_leaf(self):
+    with pytest.raises(TypeError, match="real floating-point"):
+      _selection.resolve_spec(True, (), jnp.ones((3, 4, 8), jnp.int32),
+                              "output")
