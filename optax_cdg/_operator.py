@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from optax_cdg import _gains
+from optax_cdg import _sharding
 
 
 def normalize_axes(
@@ -55,15 +56,47 @@ def _broadcast_gain(gain, axes: tuple[int, ...], ndim: int, dtype):
   return jnp.asarray(gain, dtype).reshape(shape)
 
 
-def _centered(x, axes, smoothing):
-  """`mean + (x - mean) / lam`, the closed form of the reweighted metric."""
+def _reweighted_lam(smoothing, dtype):
   lam = _gains.concrete_scalar(smoothing)
-  if lam is None:
-    # A traced lam cannot raise: a rejected value poisons the result instead.
-    lam = jnp.asarray(smoothing, x.dtype)
-    lam = jnp.where(jnp.isfinite(lam) & (lam > 0), lam, jnp.nan)
-  mean = jnp.mean(x, axis=axes, keepdims=True)
-  return mean + (x - mean) / lam
+  if lam is not None:
+    return jnp.asarray(lam, dtype)
+  # A traced lam cannot raise: a rejected value poisons the result instead.
+  lam = jnp.asarray(smoothing, dtype)
+  return jnp.where(jnp.isfinite(lam) & (lam > 0), lam, jnp.nan)
+
+
+class _FiberOp(NamedTuple):
+  """`A^{-1}` on every fiber along `axes`, given its constant operand.
+
+  Hashable by value: it is a static argument of the sharded application, and
+  an identity-hashed closure could be confused with a dead one whose id was
+  reused.
+  """
+
+  kind: str  # "spectral" (operand: the gains) or "centered" (operand: lam)
+  axes: tuple[int, ...]
+  sizes: tuple[int, ...]
+  boundary: str
+  dtype: Any
+
+  def shifted(self, k: int) -> "_FiberOp":
+    """The same operator on an array with `k` more leading (batch) axes."""
+    return self._replace(axes=tuple(a + k for a in self.axes))
+
+  def __call__(self, grad: jax.Array, const: jax.Array) -> jax.Array:
+    x = grad.astype(self.dtype)
+    if self.kind == "centered":
+      # The reweighted metric in closed form: mean + (x - mean) / lam.
+      mean = jnp.mean(x, axis=self.axes, keepdims=True)
+      out = mean + (x - mean) / const
+    elif self.boundary == "periodic":
+      spec = jnp.fft.rfftn(x, axes=self.axes)
+      out = jnp.fft.irfftn(spec * const, s=self.sizes, axes=self.axes)
+    else:
+      coef = jax.scipy.fft.dctn(x, type=2, axes=self.axes, norm="ortho")
+      out = jax.scipy.fft.idctn(coef * const, type=2, axes=self.axes,
+                                norm="ortho")
+    return out.astype(grad.dtype)
 
 
 def metric_gradient(
@@ -132,18 +165,14 @@ def metric_gradient(
     return grad
 
   dtype = compute_dtype(grad.dtype)
-  x = grad.astype(dtype)
   if metric == "reweighted":
-    out = _centered(x, axes, smoothing)
+    fn = _FiberOp("centered", axes, sizes, boundary, dtype)
+    const = _reweighted_lam(smoothing, dtype)
   else:
     gain = _gains.spectral_gain(
         sizes, smoothing, metric=metric, boundary=boundary, scale=scale
     )
-    gain = _broadcast_gain(gain, axes, grad.ndim, dtype)
-    if boundary == "periodic":
-      spec = jnp.fft.rfftn(x, axes=axes)
-      out = jnp.fft.irfftn(spec * gain, s=sizes, axes=axes)
-    else:
-      coef = jax.scipy.fft.dctn(x, type=2, axes=axes, norm="ortho")
-      out = jax.scipy.fft.idctn(coef * gain, type=2, axes=axes, norm="ortho")
-  return out.astype(grad.dtype)
+    fn = _FiberOp("spectral", axes, sizes, boundary, dtype)
+    const = jnp.asarray(_broadcast_gain(gain, axes, grad.ndim, dtype))
+  # Fiber-local on every device, however the array is sharded.
+  return _sharding.apply_fiberwise(fn, grad, axes, const)

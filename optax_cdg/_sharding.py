@@ -1,0 +1,228 @@
+"""Fiber-local application of the operator to sharded arrays.
+
+The operator acts on every fiber along its axes independently, so it needs no
+communication unless a mesh axis shards the transform axes themselves. XLA
+does not know that about its FFT: under SPMD it all-gathers the array first,
+and on CPU some layouts crash inside the FFT thunk. This module runs the
+per-shard computation explicitly:
+
+- explicit sharding (`jax.typeof(x).sharding` names mesh axes): `shard_map`
+  over the array's own spec;
+- automatic sharding (plain `jit`, shardings invisible while tracing) on a
+  multi-device platform: `custom_partitioning`, which sees the shardings XLA
+  chose and lowers the same per-shard computation;
+- one device: the computation itself.
+
+When a mesh axis shards a transform axis, it is moved onto another axis with
+an all-to-all, the fibers are transformed whole, and moved back. A kernel with
+no other axis divisible by that mesh axis size is all-gathered along the
+transform axis instead (each device then keeps its own slice).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# fn(x, *consts) -> array of x's shape, acting on each fiber along `axes`.
+# It must hash and compare by value (a NamedTuple with __call__, say): it is a
+# static argument of custom_partitioning, which caches on it. Its method
+# `shifted(k)` returns the same operator for an array with k more leading axes
+# (used by vmap; constant operands broadcast from the right).
+FiberFn = Callable[..., jax.Array]
+
+_SpecEntries = list[tuple[str, ...]]
+
+
+def _entries(spec, ndim: int) -> _SpecEntries:
+  out = []
+  for e in tuple(spec) + (None,) * (ndim - len(tuple(spec))):
+    out.append(() if e is None else (tuple(e) if isinstance(e, tuple) else (e,)))
+  return out
+
+
+def _to_spec(entries: _SpecEntries) -> P:
+  return P(*[(e if len(e) > 1 else e[0]) if e else None for e in entries])
+
+
+def plan_moves(
+    entries: _SpecEntries, shape: Sequence[int], axes: Sequence[int],
+    mesh_shape: dict[str, int],
+) -> tuple[_SpecEntries, list[tuple[tuple[str, ...], int, int | None]]]:
+  """Where each mesh axis sharding a transform axis goes while it runs.
+
+  Returns the spec inside the computation (transform axes unsharded) and the
+  moves `(mesh axes, transform axis, destination axis or None)`; None means no
+  axis can take them and the transform axis is gathered.
+  """
+  inner = list(entries)
+  moves = []
+  for a in axes:
+    names = inner[a]
+    if not names:
+      continue
+    inner[a] = ()
+    size = math.prod(mesh_shape[n] for n in names)
+
+    def room(i):  # how many ways axis i could still be split
+      return shape[i] // math.prod(mesh_shape[n] for n in inner[i])
+
+    # Prefer an unsharded axis, then the one with the most room.
+    free = [i for i in range(len(shape)) if i not in axes
+            and shape[i] % (size * math.prod(mesh_shape[n]
+                                             for n in inner[i])) == 0]
+    dest = max(free, key=lambda i: (not inner[i], room(i))) if free else None
+    if dest is not None:
+      inner[dest] = inner[dest] + names
+    moves.append((names, a, dest))
+  return inner, moves
+
+
+def _explicit_entries(x: jax.Array) -> tuple[_SpecEntries, object] | None:
+  """The spec entries of an explicitly sharded array, or None."""
+  try:
+    sharding = jax.typeof(x).sharding
+  except Exception:  # pylint: disable=broad-except
+    return None
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or getattr(mesh, "empty", True):
+    return None
+  entries = _entries(sharding.spec, x.ndim)
+  if not any(entries):
+    return None
+  return entries, mesh
+
+
+def _shard_map_path(fn: FiberFn, axes, x, consts, entries, mesh):
+  inner, moves = plan_moves(entries, x.shape, axes, dict(mesh.shape))
+
+  def body(xl, *cs):
+    for names, a, dest in moves:
+      if dest is None:
+        xl = jax.lax.all_gather(xl, names, axis=a, tiled=True)
+      else:
+        xl = jax.lax.all_to_all(xl, names, split_axis=dest, concat_axis=a,
+                                tiled=True)
+    y = fn(xl, *cs)
+    for names, a, dest in reversed(moves):
+      if dest is None:
+        chunk = y.shape[a] // math.prod(mesh.shape[n] for n in names)
+        start = jax.lax.axis_index(names) * chunk
+        y = jax.lax.dynamic_slice_in_dim(y, start, chunk, axis=a)
+      else:
+        y = jax.lax.all_to_all(y, names, split_axis=a, concat_axis=dest,
+                               tiled=True)
+    return y
+
+  spec = _to_spec(entries)
+  in_specs = (spec,) + tuple(P() for _ in consts)
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs,
+                       out_specs=spec)(x, *consts)
+
+
+def _inner_sharding(axes, sharding, shape) -> NamedSharding | None:
+  if not isinstance(sharding, NamedSharding):
+    return None
+  mesh = sharding.mesh
+  inner, _ = plan_moves(_entries(sharding.spec, len(shape)), shape, axes,
+                        dict(mesh.shape))
+  return NamedSharding(mesh, _to_spec(inner))
+
+
+def _call(fn, axes, x, *consts):
+  del axes
+  return fn(x, *consts)
+
+
+def _partition(fn, axes, mesh, arg_shapes, result_shape):
+  del result_shape
+  x = arg_shapes[0]
+  inner = _inner_sharding(axes, x.sharding, x.shape)
+  if inner is None:  # not expressible as a NamedSharding: run replicated
+    inner = NamedSharding(mesh, P())
+  consts = tuple(NamedSharding(mesh, P()) for _ in arg_shapes[1:])
+  return mesh, functools.partial(_call, fn, axes), inner, (inner,) + consts
+
+
+def _infer(fn, axes, mesh, arg_shapes, result_shape):
+  del fn, axes, mesh, result_shape
+  return arg_shapes[0].sharding  # the result keeps the input's sharding
+
+
+def _rule(fn, axes, mesh, arg_types, result_types):
+  del fn, axes, mesh, result_types
+  x = " ".join(f"x{i}" for i in range(len(arg_types[0].shape)))
+  consts = [" ".join(f"c{j}_{i}" for i in range(len(t.shape)))
+            for j, t in enumerate(arg_types[1:])]
+  return ", ".join([x] + consts) + " -> " + x
+
+
+_partitioned = custom_partitioning(_call, static_argnums=(0, 1))
+_partitioned.def_partition(partition=_partition,
+                           infer_sharding_from_operands=_infer,
+                           sharding_rule=_rule)
+
+
+def _auto_path(fn: FiberFn, axes: tuple[int, ...], x, consts):
+  """`custom_partitioning`, made differentiable and batchable.
+
+  custom_partitioning has no JVP or batching rule. The operator is linear in
+  `x` and self-adjoint, so its VJP is itself; a vmapped call is the same
+  fiber-local computation on an array with one more leading axis.
+  """
+
+  @jax.custom_vjp
+  def op(x, *consts):
+    return _batched(x, *consts)
+
+  @jax.custom_batching.custom_vmap
+  def _batched(x, *consts):
+    return _partitioned(fn, axes, x, *consts)
+
+  @_batched.def_vmap
+  def _batched_rule(axis_size, in_batched, x, *consts):
+    if any(in_batched[1:]):
+      raise NotImplementedError(
+          "vmapping channel_directed over its smoothing on a multi-device "
+          "platform is not supported; vmap over the updates only.")
+    if not in_batched[0]:
+      return _batched(x, *consts), False
+    del axis_size
+    return _auto_path(fn.shifted(1), tuple(a + 1 for a in axes), x,
+                      consts), True
+
+  def fwd(x, *consts):
+    if any(getattr(c, "perturbed", False) for c in consts):
+      raise NotImplementedError(
+          "differentiating channel_directed with respect to its smoothing on "
+          "a multi-device platform is not supported.")
+    values = tuple(c.value for c in consts)
+    return op(x.value, *values), values
+
+  def bwd(values, ct):
+    return (op(ct, *values),) + tuple(None for _ in values)
+
+  op.defvjp(fwd, bwd, symbolic_zeros=True)
+  return op(x, *consts)
+
+
+def apply_fiberwise(fn: FiberFn, x: jax.Array, axes: Sequence[int],
+                    *consts: jax.Array) -> jax.Array:
+  """`fn(x, *consts)` for a `fn` that acts on each fiber along `axes` alone.
+
+  `fn` must be linear and self-adjoint in `x` (as the metric operators are);
+  `consts` (gains, matrices, smoothing) are replicated on every device.
+  """
+  axes = tuple(sorted(a % x.ndim for a in axes))
+  explicit = _explicit_entries(x)
+  if explicit is not None:
+    return _shard_map_path(fn, axes, x, consts, *explicit)
+  if jax.device_count() == 1:
+    return fn(x, *consts)
+  return _auto_path(fn, axes, x, consts)
