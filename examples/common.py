@@ -20,7 +20,7 @@ import optax
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  x: np.ndarray  # (n, 28, 28, 1) float32 in [0, 1]
+  x: np.ndarray  # (n, height, width, channels): MNIST float32 in [0, 1]
   y: np.ndarray  # (n,) int32
 
 
@@ -105,6 +105,7 @@ class RunResult:
   train_loss: list[float]   # mean per epoch
   val_curve: list[float]    # validation accuracy per epoch
   seconds: float
+  variables: Any = None     # the trained {"params", "batch_stats"}
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
@@ -133,18 +134,20 @@ def _eval_fn(model):
   return _EVAL_CACHE[model]
 
 
-def train(model: nn.Module, tx: optax.GradientTransformation,
-          data: dict[str, Split], *, epochs: int, batch_size: int, seed: int,
-          augment: Callable | None = None, progress: Any = None) -> RunResult:
-  """Trains from the seed's initialization in the seed's batch order.
+def init_variables(model: nn.Module, x: np.ndarray, seed: int) -> Any:
+  """The seed's initialization (the same for every optimizer)."""
+  return model.init(jax.random.key(seed), x[:1])
 
-  The initialization and batch order depend on `seed` alone, so runs that
-  differ only in `tx` are paired.
-  """
-  train_split = data["train"]
-  variables = model.init(jax.random.key(seed), train_split.x[:1])
-  params, stats = variables["params"], variables.get("batch_stats", {})
-  opt_state = tx.init(params)
+
+_STEP_CACHE: dict[Any, Callable] = {}
+
+
+def train_step(model: nn.Module, tx: optax.GradientTransformation):
+  """The jitted step `(params, stats, opt_state, x, y) -> (params, stats,
+  opt_state, loss)`, compiled once per (model, tx) and reused."""
+  key = (model, tx)
+  if key in _STEP_CACHE:
+    return _STEP_CACHE[key]
 
   def loss_fn(params, stats, x, y):
     logits, new = model.apply({"params": params, "batch_stats": stats}, x,
@@ -158,6 +161,49 @@ def train(model: nn.Module, tx: optax.GradientTransformation,
         params, stats, x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), stats, opt_state, loss
+
+  _STEP_CACHE[key] = step
+  return step
+
+
+def set_hyperparams(opt_state: Any, values: dict[str, float]) -> Any:
+  """Returns `opt_state` of an `optax.inject_hyperparams` transform with some
+  hyperparameters replaced (same dtypes), so one compiled step serves them all.
+  """
+  hyper = getattr(opt_state, "hyperparams", None)
+  if not isinstance(hyper, dict):
+    raise TypeError(
+        "hyperparams: the optimizer state has no `hyperparams` dict; build tx "
+        "with optax.inject_hyperparams to pass hyperparams.")
+  unknown = sorted(set(values) - set(hyper))
+  if unknown:
+    raise ValueError(
+        f"hyperparams: {unknown} are not hyperparameters of tx; it has "
+        f"{sorted(hyper)}.")
+  new = dict(hyper)
+  for k, v in values.items():
+    new[k] = jnp.asarray(v, jnp.asarray(hyper[k]).dtype)
+  return opt_state._replace(hyperparams=new)
+
+
+def train(model: nn.Module, tx: optax.GradientTransformation,
+          data: dict[str, Split], *, epochs: int, batch_size: int, seed: int,
+          augment: Callable | None = None, progress: Any = None,
+          hyperparams: dict[str, float] | None = None) -> RunResult:
+  """Trains from the seed's initialization in the seed's batch order.
+
+  The initialization and batch order depend on `seed` alone, so runs that
+  differ only in `tx` (or `hyperparams`) are paired. With `hyperparams`, `tx`
+  must be an `optax.inject_hyperparams` transform; the values replace its
+  initial ones, and the step compiled for (model, tx) is reused.
+  """
+  train_split = data["train"]
+  variables = init_variables(model, train_split.x, seed)
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  opt_state = tx.init(params)
+  if hyperparams:
+    opt_state = set_hyperparams(opt_state, hyperparams)
+  step = train_step(model, tx)
 
   rng = np.random.default_rng(seed)
   start = time.perf_counter()
@@ -183,7 +229,7 @@ def train(model: nn.Module, tx: optax.GradientTransformation,
   return RunResult(test_acc=accuracy(model, v, data["test"]),
                    val_acc=val_curve[-1], train_loss=losses,
                    val_curve=val_curve,
-                   seconds=time.perf_counter() - start)
+                   seconds=time.perf_counter() - start, variables=v)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

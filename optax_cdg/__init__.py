@@ -5,6 +5,7 @@ re-weighted L2 metric along the output-channel axis, before any optimizer
 sees it (Lao et al., arXiv 2008.10766).
 """
 
+from optax_cdg._diagnostics import channel_spectrum
 from optax_cdg._gains import spectral_gain
 from optax_cdg._lsgd import laplacian_smoothing
 from optax_cdg._operator import metric_gradient
@@ -23,6 +24,7 @@ __all__ = (
     "DEFAULT_SMOOTHING",
     "KernelSpec",
     "channel_directed",
+    "channel_spectrum",
     "conv_kernels",
     "laplacian_smoothing",
     "linen_conv_kernels",

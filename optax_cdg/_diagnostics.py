@@ -1,0 +1,103 @@
+"""Diagnostics: how the energy of conv kernels spreads over channel frequencies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_cdg import _gains
+from optax_cdg import _operator
+from optax_cdg import _selection
+from optax_cdg import _transform
+
+
+class _Spectrum:
+  """Marks a computed spectrum, so that unselected leaves can become None."""
+
+  __slots__ = ("value",)
+
+  def __init__(self, value: jax.Array):
+    self.value = value
+
+
+def _fiber_energy(x: jax.Array, axis: int, boundary: str,
+                  normalize: bool) -> jax.Array:
+  x = jnp.moveaxis(x.astype(_operator.compute_dtype(x.dtype)), axis, -1)
+  n = x.shape[-1]
+  fibers = x.reshape(-1, n)
+  if boundary == "periodic":
+    power = jnp.abs(jnp.fft.rfft(fibers, axis=-1)) ** 2
+    # One-sided spectrum: every bin but 0 and (for even n) n/2 stands for a
+    # pair of conjugate frequencies.
+    weight = jnp.full((n // 2 + 1,), 2.0, power.dtype).at[0].set(1.0)
+    if n % 2 == 0:
+      weight = weight.at[-1].set(1.0)
+    energy = jnp.mean(power, axis=0) * weight / n
+  else:
+    coef = jax.scipy.fft.dct(fibers, type=2, axis=-1, norm="ortho")
+    energy = jnp.mean(coef ** 2, axis=0)
+  if normalize:
+    total = jnp.sum(energy)
+    energy = jnp.where(total > 0, energy / jnp.where(total > 0, total, 1.0),
+                       0.0)
+  return energy
+
+
+def channel_spectrum(
+    tree: Any,
+    kernels: Any = None,
+    *,
+    boundary: str = "periodic",
+    normalize: bool = False,
+) -> Any:
+  r"""The energy per frequency along the output-channel axis of each kernel.
+
+  For every selected kernel `W` (selected exactly as
+  :func:`channel_directed` selects it: same `kernels` argument, same output
+  axis, so `ConvTranspose(transpose_kernel=True)` specs use axis -2), let `N`
+  be the length of its output axis and `f` run over its `M` fibers along that
+  axis (one per spatial tap, input channel and stacked layer). Then
+
+  - `boundary="periodic"`: with `F = rfft(f)`, for `k = 0 .. N // 2`,
+    `E_k = (w_k / N) * mean_f |F_k|^2`, where `w_k = 1` for `k = 0` and, for
+    even `N`, `k = N / 2`, and `w_k = 2` otherwise (each of those bins stands
+    for the frequencies `k` and `N - k`);
+  - `boundary="neumann"`: with `C = dct(f)` (orthonormal DCT-II), for
+    `k = 0 .. N - 1`, `E_k = mean_f C_k^2`.
+
+  Either way `sum_k E_k = mean_f sum_n f_n^2 = ||W||^2 / M` (Parseval), and
+  since :func:`metric_gradient` multiplies frequency `k` by `gain_k`, it
+  multiplies `E_k` by `gain_k^2` (:func:`spectral_gain`, same boundary).
+  `E_0` is the energy of the channel mean; a kernel that varies smoothly
+  across output channels has its energy in the low `k`.
+
+  Args:
+    tree: a tree of arrays (parameters, updates, or differences of them).
+    kernels: which leaves, as for :func:`channel_directed`: None (the
+      :func:`conv_kernels` guess), a spec tree, or a callable such as
+      :func:`linen_conv_kernels` returns.
+    boundary: "periodic" (rfft bins) or "neumann" (DCT-II bins).
+    normalize: divide each spectrum by its total, so that it sums to 1 (an
+      all-zero kernel gives all zeros).
+
+  Returns:
+    A tree of the structure of `tree` with, at each selected kernel, a 1-D
+    array of `N // 2 + 1` (periodic) or `N` (Neumann) energies, in float32
+    (float64 for float64 kernels), and None at every other leaf.
+  """
+  _gains.check_choice("boundary", boundary, _gains.BOUNDARIES)
+  if not isinstance(normalize, bool):
+    raise TypeError(f"normalize={normalize!r} must be a bool.")
+  _transform.check_kernels(kernels)
+  spec = _transform.resolve_kernels(kernels, tree)
+
+  def one(x, axes):
+    (axis,) = axes
+    return _Spectrum(_fiber_energy(x, axis, boundary, normalize))
+
+  out = _transform.map_selected(one, tree, spec, "output")
+  return jax.tree.map(
+      lambda x: x.value if isinstance(x, _Spectrum) else None, out,
+      is_leaf=lambda x: isinstance(x, _Spectrum) or _selection.is_passthrough(x))
