@@ -1,6 +1,7 @@
 """Long runs: checkpoint and restore, compile once, steady memory, no mutation."""
 
 import copy
+import functools
 import gc
 import os
 
@@ -21,13 +22,17 @@ def _batch(step):
   return toy_task(seed=step, n=16)
 
 
-def _setup(transition_steps=40):
-  """A CNN, CDG with a schedule chained with SGD + momentum, and a step."""
+@functools.lru_cache(maxsize=None)
+def _setup():
+  """A CNN, CDG with a schedule chained with SGD + momentum, and a step.
+
+  Shared by the tests below: the jitted step must be traced once in all.
+  """
   model = LinenCNN()
   variables = jax.jit(model.init)(jax.random.key(0), _batch(0)[0])
   tx = optax.chain(
       optax_cdg.channel_directed(
-          optax.linear_schedule(1e-4, 1e-2, transition_steps)),
+          optax.linear_schedule(1e-4, 1e-2, transition_steps=1000)),
       optax.sgd(optax.cosine_decay_schedule(0.1, 1000), momentum=0.9))
   traces = []
 
@@ -62,7 +67,7 @@ def _bits(tree):
 
 
 def test_checkpoint_mid_training_continues_bit_identically(tmp_path):
-  step, init, _ = _setup()
+  step, init, traces = _setup()
   straight = _run(step, init, 0, 30)
 
   half = _run(step, init, 0, 15)
@@ -83,6 +88,7 @@ def test_checkpoint_mid_training_continues_bit_identically(tmp_path):
   resumed = _run(step, restored, 15, 30)
   assert _bits(resumed) == _bits(straight)
   assert int(resumed["opt_state"][0].count) == 30
+  assert len(traces) == 1  # the restored state did not force a recompile
 
 
 def _rss_bytes():
@@ -93,20 +99,33 @@ def _rss_bytes():
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
                     reason="needs /proc to read the resident set size")
 def test_thousand_jitted_steps_compile_once_and_hold_memory():
-  step, state, traces = _setup(transition_steps=1000)
+  step, state, traces = _setup()
   x, y = _batch(0)
   params, stats, opt_state = state["params"], state["stats"], state[
       "opt_state"]
-  live, rss = {}, {}
-  for i in range(1000):
-    params, stats, opt_state, loss = step(params, stats, opt_state, x, y)
-    if i + 1 in (100, 1000):
-      loss.block_until_ready()
-      gc.collect()
-      live[i + 1] = len(jax.live_arrays())
-      rss[i + 1] = _rss_bytes()
-  assert len(traces) == 1  # the schedule's value is traced, not baked in
-  assert step._cache_size() == 1  # pylint: disable=protected-access
+  live, rss, compiles = {}, {}, []
+
+  def on_event(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  params, stats, opt_state, loss = step(params, stats, opt_state, x, y)
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    for i in range(1, 1000):
+      params, stats, opt_state, loss = step(params, stats, opt_state, x, y)
+      if i + 1 in (100, 1000):
+        loss.block_until_ready()
+        gc.collect()
+        live[i + 1] = len(jax.live_arrays())
+        rss[i + 1] = _rss_bytes()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  # The schedules' values are traced, not baked in: one trace, and no
+  # compilation at all after the first step.
+  assert len(traces) == 1
+  assert not compiles, compiles
   assert int(opt_state[0].count) == 1000
   assert np.isfinite(float(loss))
   # Nothing accumulates: the same number of live device buffers, and the

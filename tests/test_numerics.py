@@ -81,11 +81,13 @@ class NonFiniteTest(parameterized.TestCase):
     self._check(tx, "output")
 
   @parameterized.product(
-      metric=METRICS[:3], boundary=BOUNDARIES,
-      shape_axes=(((6, 5, 4, 3), (0, 2)), ((6, 5, 4, 3), (1, 2, 3)),
-                  ((2, 600), (1,))))
-  def test_metric_gradient_several_axes(self, metric, boundary, shape_axes):
-    shape, axes = shape_axes
+      metric=METRICS[:3],
+      boundary_shape_axes=(("periodic", (6, 5, 4, 3), (0, 2)),
+                           ("neumann", (6, 5, 4, 3), (0, 2)),
+                           ("periodic", (6, 5, 4, 3), (1, 2, 3)),
+                           ("neumann", (2, 600), (1,))))
+  def test_metric_gradient_several_axes(self, metric, boundary_shape_axes):
+    boundary, shape, axes = boundary_shape_axes
     x = _random(shape, 4)
     index = tuple(min(i, n - 1) for i, n in zip((1, 2, 3, 0), shape))
     y = x.copy()

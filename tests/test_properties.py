@@ -27,7 +27,7 @@ METRICS = ("sobolev", "sobolev_mean", "reweighted", "l2")
 HALF = (jnp.float16, jnp.bfloat16)
 
 FAST = hypothesis.settings(
-    max_examples=30, deadline=None, derandomize=True, database=None,
+    max_examples=25, deadline=None, derandomize=True, database=None,
     suppress_health_check=[hypothesis.HealthCheck.too_slow])
 MANY = hypothesis.settings(
     max_examples=400, deadline=None,
