@@ -128,11 +128,16 @@ def _normalize_sizes(sizes: int | Sequence[int]) -> tuple[int, ...]:
   if isinstance(sizes, (str, bytes)):
     raise TypeError(f"sizes={sizes!r} must be an int or a sequence of ints.")
   try:
-    sizes = tuple(int(s) for s in sizes)  # type: ignore[union-attr]
+    items = tuple(sizes)  # type: ignore[arg-type]
   except TypeError as e:
     raise TypeError(
         f"sizes={sizes!r} must be an int or a sequence of ints."
     ) from e
+  # No silent int(): a length of 2.5, "8" or True is a mistake.
+  if any(isinstance(s, bool) or not isinstance(s, numbers.Integral)
+         for s in items):
+    raise TypeError(f"sizes={sizes!r} must be an int or a sequence of ints.")
+  sizes = tuple(int(s) for s in items)
   if not sizes or any(s < 0 for s in sizes):
     raise ValueError(
         f"sizes={sizes!r} must be one or more non-negative axis lengths."
@@ -162,7 +167,8 @@ def gain_from_eigenvalues(mu: np.ndarray, smoothing: Any, metric: str):
   """The gain `1 / (eigenvalue of the metric)` at each Laplacian eigenvalue.
 
   With a concrete smoothing value this is a float64 numpy array. With a traced
-  value it is a float32 jax array, and any value the metric rejects (negative,
+  value it is a jax array of the default float dtype (float32, or float64
+  under `jax_enable_x64`), and any value the metric rejects (negative,
   zero where it must be positive, not finite) turns every gain into NaN:
   a traced argument cannot raise, so the error must be loud instead.
   """
@@ -179,8 +185,10 @@ def gain_from_eigenvalues(mu: np.ndarray, smoothing: Any, metric: str):
       if metric == "reweighted":
         return np.where(zero, 1.0, 1.0 / lam)
       return np.ones_like(mu)
-  lam = jnp.asarray(smoothing, jnp.float32)
-  mu = jnp.asarray(mu, jnp.float32)
+  # The default float: float64 under jax_enable_x64, so that float64
+  # gradients keep full precision with a traced smoothing too.
+  lam = jnp.asarray(smoothing, jnp.result_type(float))
+  mu = jnp.asarray(mu, lam.dtype)
   if metric == "sobolev":
     gain = 1.0 / (1.0 + lam * mu)
   elif metric == "sobolev_mean":
@@ -231,7 +239,8 @@ def spectral_gain(
   Returns:
     The gains, of shape `sizes` with the last axis in rfft layout
     (`N // 2 + 1`) for a periodic boundary. A float64 numpy array for a
-    concrete `smoothing`, a float32 jax array for a traced one.
+    concrete `smoothing`, a jax array of the default float dtype (float32, or
+    float64 under `jax_enable_x64`) for a traced one.
 
   References:
     Lao et al., `Channel-Directed Gradients for Optimization of Convolutional

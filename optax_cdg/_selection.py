@@ -38,7 +38,8 @@ KernelsArg = Any | Callable[[Any], Any] | None
 
 
 def is_spec_leaf(x: Any) -> bool:
-  return x is None or isinstance(x, (bool, int, np.bool_, KernelSpec))
+  return x is None or isinstance(
+      x, (bool, int, np.bool_, np.integer, KernelSpec))
 
 
 def is_passthrough(x: Any) -> bool:
@@ -303,10 +304,11 @@ def resolve_spec(
     )
   if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype,
                                                       jnp.floating):
+    what = (f"has dtype {leaf.dtype}" if hasattr(leaf, "dtype") else
+            f"is a {type(leaf).__name__}, not an array")
     raise TypeError(
-        f"kernels selects {where}, which has dtype "
-        f"{getattr(leaf, 'dtype', type(leaf).__name__)}; only real "
-        "floating-point leaves can be transformed."
+        f"kernels selects {where}, which {what}; only real floating-point "
+        "arrays can be transformed."
     )
   ndim = leaf.ndim
   if ndim < 2:
@@ -314,14 +316,15 @@ def resolve_spec(
         f"kernels selects {where} of shape {tuple(leaf.shape)}; a selected "
         "leaf needs at least 2 dimensions (input and output channels)."
     )
-  out = spec.output_axis
+  # numpy integers (np.int64 from array code) count as ints.
+  out, stacked = (int(v) if isinstance(v, np.integer) else v
+                  for v in (spec.output_axis, spec.stacked_axes))
   if isinstance(out, bool) or not isinstance(out, int) or out not in (
       -1, -2, ndim - 1, ndim - 2):
     raise ValueError(
         f"kernels: the output axis {out!r} at {where} (shape "
         f"{tuple(leaf.shape)}) must be one of the last two axes: -1 or -2."
     )
-  stacked = spec.stacked_axes
   if isinstance(stacked, bool) or not isinstance(stacked, int) or not (
       0 <= stacked <= ndim - 2):
     raise ValueError(

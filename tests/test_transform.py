@@ -14,7 +14,7 @@ import pytest
 
 import optax_cdg
 from _models import (LINEN_MIXED_CONVS, LINEN_MIXED_INPUT, LinenCNN,
-                     LinenMixed, NNX_MIXED_CONVS, NNXMixed)
+                     LinenMixed, NNX_MIXED_CONVS, NNXMixed, toy_task)
 
 STATIC = ("metric", "direction", "boundary", "scale", "kernels")
 
@@ -291,20 +291,9 @@ class ComposeTest(parameterized.TestCase):
                                rtol=1e-4)
 
 
-def _toy_task(seed=0, n=64):
-  """Images whose class is the position of a bright 3x3 patch."""
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, 4, n)
-  x = rng.normal(0, 0.3, (n, 8, 8, 1)).astype(np.float32)
-  for i, c in enumerate(labels):
-    r, col = divmod(int(c), 2)
-    x[i, 4 * r:4 * r + 3, 4 * col:4 * col + 3, 0] += 1.5
-  return jnp.asarray(x), jnp.asarray(labels)
-
-
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
 def test_training_loss_falls(optimizer):
-  x, y = _toy_task()
+  x, y = toy_task()
   model = LinenCNN()
   variables = model.init(jax.random.key(0), x)
   base = {"sgd_momentum": optax.sgd(0.1, momentum=0.9),
