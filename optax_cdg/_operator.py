@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_cdg import _gains
+from optax_cdg import _methods
 
 
 def normalize_axes(
@@ -74,6 +75,7 @@ def metric_gradient(
     axes: int | Sequence[int] = (-1,),
     boundary: str = "periodic",
     scale: str = "unit",
+    method: str = "auto",
 ) -> jax.Array:
   r"""The gradient in a channel-directed metric: `A^{-1} grad` along `axes`.
 
@@ -93,6 +95,21 @@ def metric_gradient(
   Neumann boundary, with the gains of :func:`optax_cdg.spectral_gain`. The
   "reweighted" metric needs no transform: `mean + (f - mean) / lam`.
 
+  `A^{-1}` is also a fixed symmetric matrix `K` per axis length, so it can be
+  applied exactly without a transform; `method` picks how (all agree to
+  float32 accuracy):
+
+  - "auto": the fastest exact method for the backend, the axis length and
+    the metric (the rule and its measurements are in BENCHMARKS.md);
+  - "fft": the spectral transform above;
+  - "matmul": `x @ K` with `K` built in float64 at trace time (at run time,
+    from the eigenbasis, when `smoothing` is traced);
+  - "blocked": one axis cut into chunks of 8 to 64 values; `K` is a shared
+    diagonal block plus a rank-`R` coupling of the chunks (`R` = 2 for
+    "sobolev", 3 for "sobolev_mean"), so two skinny matmuls and a small mix.
+    Needs a concrete `smoothing` and a length divisible into such chunks;
+  - "closed": `mean + (f - mean) / lam`, for "reweighted" only.
+
   Half-precision inputs are computed in float32 and returned in their dtype.
 
   Args:
@@ -105,6 +122,7 @@ def metric_gradient(
     boundary: "periodic" (FFT) or "neumann" (DCT-II).
     scale: "unit" (`c(N) = N^2`, the axis is the unit interval) or "grid"
       (`c(N) = 1`).
+    method: "auto", "fft", "matmul", "blocked" or "closed" (see above).
 
   Returns:
     An array of the shape and dtype of `grad`.
@@ -120,6 +138,7 @@ def metric_gradient(
   _gains.check_choice("boundary", boundary, _gains.BOUNDARIES)
   _gains.check_choice("scale", scale, _gains.SCALES)
   _gains.check_smoothing(smoothing, metric)
+  _methods.check_method(method, metric)
   if not hasattr(grad, "dtype") or not hasattr(grad, "shape"):
     grad = jnp.asarray(grad)
   if not jnp.issubdtype(grad.dtype, jnp.floating):
@@ -133,8 +152,22 @@ def metric_gradient(
 
   dtype = compute_dtype(grad.dtype)
   x = grad.astype(dtype)
-  if metric == "reweighted":
+  method = _methods.choose(
+      method, metric, sizes, _gains.concrete_scalar(smoothing),
+      boundary=boundary, scale=scale, last_axis=axes == (grad.ndim - 1,),
+      backend=jax.default_backend())
+  if method == "closed":
     out = _centered(x, axes, smoothing)
+  elif method == "matmul":
+    out = _methods.apply_matmul(x, axes, sizes, smoothing, metric, boundary,
+                                scale)
+  elif method == "blocked":
+    if len(axes) != 1:
+      raise ValueError(
+          f"method='blocked' works along one axis; got axes={axes}. Use "
+          "method='auto', 'fft' or 'matmul'.")
+    out = _methods.apply_blocked(x, axes[0], smoothing, metric, boundary,
+                                 scale)
   else:
     gain = _gains.spectral_gain(
         sizes, smoothing, metric=metric, boundary=boundary, scale=scale
