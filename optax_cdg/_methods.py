@@ -15,10 +15,10 @@ applied exactly as
 
       y_p = x_p B + (sum_q (x_q U) S_qp) U^T,
 
-  two skinny matmuls per element (`2 (b + R)` flops) and a small mix of the
-  chunk summaries (`2 P R^2 / b` flops). Every factor is orthonormal or a block
+  skinny matmuls (`2 (b + R)` flops per value) and a small mix of the chunk
+  summaries (`2 P R^2 / b` flops per value). Every factor is orthonormal or a block
   of `K`, so the float32 error is that of a matmul; the factorization itself
-  is checked in float64 to 1e-10 of `max |K|` when it is built.
+  is checked in float64 to 1e-9 of `max |K|` when it is built.
 - "closed": the reweighted metric's `mean + (x - mean) / lam`.
 
 All matrices are numpy float64 arrays, computed once per
@@ -56,7 +56,11 @@ BLOCK_SIZES = ((16, 32, 8, 64), (32, 16, 64, 8))
 # and the float64 error allowed in the factorization, relative to max |K|:
 # far below float32's 6e-8.
 _RANK_TOL = 1e-13
-_FACTOR_TOL = 1e-10
+_FACTOR_TOL = 1e-9
+# The rank of the chunk coupling in exact arithmetic: exponentials r^{+-t}
+# ("sobolev"), polynomials 1, t, t^2 ("sobolev_mean"), the mean
+# ("reweighted").
+_RANK = {"sobolev": 2, "sobolev_mean": 3, "reweighted": 1, "l2": 0}
 
 
 def check_method(method: str, metric: str) -> None:
@@ -201,17 +205,13 @@ def dense_operator(sizes: tuple[int, ...], lam: float, metric: str,
   return k
 
 
+@functools.lru_cache(maxsize=64)
 def eigenbasis(sizes: tuple[int, ...], boundary: str, scale: str):
   """An orthonormal real eigenbasis `Phi` of the Laplacian and its `mu`.
 
   `K = Phi diag(gain(mu)) Phi^T` for every metric; used to build `K` at run
   time when the smoothing value is traced.
   """
-  return _eigenbasis(tuple(sizes), boundary, scale)
-
-
-@functools.lru_cache(maxsize=64)
-def _eigenbasis(sizes, boundary, scale):
   bases, mus = [], []
   for n in sizes:
     if boundary == "periodic":
@@ -255,6 +255,21 @@ class Blocked:
     self.b, self.rank = basis.shape
 
 
+def _orthonormal(a: np.ndarray) -> np.ndarray:
+  """Orthonormal columns spanning those of a tall, thin `a`.
+
+  Gram-Schmidt done twice, with numpy's own loops rather than LAPACK: a
+  multithreaded BLAS on a busy machine can take 100 ms instead of 1 ms here.
+  """
+  q = a / np.maximum(np.sqrt(np.einsum("ij,ij->j", a, a)), 1e-300)
+  for j in range(q.shape[1]):
+    v = q[:, j]
+    for _ in range(2):
+      v = v - np.einsum("ij,j->i", q[:, :j], np.einsum("ij,i->j", q[:, :j], v))
+    q[:, j] = v / max(np.sqrt(np.einsum("i,i->", v, v)), 1e-300)
+  return q
+
+
 @functools.lru_cache(maxsize=128)
 def blocked_factors(n: int, lam: float, metric: str, boundary: str,
                     scale: str, b: int) -> Blocked:
@@ -280,12 +295,20 @@ def blocked_factors(n: int, lam: float, metric: str, boundary: str,
   # K is symmetric, so the span of the b-vectors along the last axis is also
   # the span along the chunk-row axis: the leading eigenvectors of the Gram
   # matrix (the gaps are wide, 1 : 1e-3 against 1e-16; the check below is
-  # the guard). einsum's own loops, not BLAS: a multithreaded BLAS on a busy
-  # machine can take 100 ms instead of 1 ms for this.
+  # the guard), with einsum's own loops rather than a multithreaded BLAS.
   tall = rest.reshape(-1, b)
   w, v = np.linalg.eigh(np.einsum("it,iu->tu", tall, tall))
-  basis = np.ascontiguousarray(v[:, w > _RANK_TOL * w[-1]][:, ::-1])
-  r = basis.shape[1]
+  # At least the rank the Green's function has (a weak direction, as in a
+  # strongly smoothed "sobolev_mean", can sink below the Gram noise).
+  r = min(b, max(int(np.sum(w > _RANK_TOL * w[-1])), _RANK[metric]))
+  basis = v[:, b - r:]
+  if r:
+    # The Gram matrix squares the conditioning (a direction 1e-8 below the
+    # leading one is lost); one two-sided step with `tall` itself restores
+    # float64 accuracy.
+    basis = _orthonormal(np.einsum(
+        "it,iu->tu", tall, _orthonormal(np.einsum("it,tu->iu", tall, basis))))
+  basis = np.ascontiguousarray(basis)
   scale_k = np.abs(k).max()
   proj = np.einsum("it,tu->iu", tall, basis)        # [q, s, p] x u
   err = np.abs(tall - np.einsum("iu,tu->it", proj, basis)).max()
@@ -376,13 +399,13 @@ def apply_blocked(x, axis: int, smoothing, metric, boundary, scale):
   xs = x.reshape(rows, b)
   if f.rank == 0:
     return _dot(xs, np.asarray(f.diag, dtype)).reshape(x.shape)
-  both = np.asarray(np.concatenate([f.diag, f.basis], 1), dtype)
-  t = _dot(xs, both)                                  # [x_p B | x_p U]
+  # Two dots reading x (not one dot into [x B | x U] and a slice): as fast,
+  # and one loop fusion fewer to compile per kernel.
   p, r = n // b, f.rank
-  w = _dot(t[:, b:].reshape(rows // p, p * r), np.asarray(f.mix, dtype))
-  w = w.reshape(rows, r)
   basis = np.asarray(f.basis, dtype)
-  y = t[:, :b]
+  z = _dot(xs, basis).reshape(rows // p, p * r)       # chunk summaries
+  w = _dot(z, np.asarray(f.mix, dtype)).reshape(rows, r)
+  y = _dot(xs, np.asarray(f.diag, dtype))
   for i in range(r):
     y = y + w[:, i:i + 1] * basis[:, i]
   return y.reshape(x.shape)
