@@ -188,7 +188,7 @@ def _operator_nd(sizes: tuple[int, ...], lam: float, metric: str,
   return out.reshape(total, total)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def dense_operator(sizes: tuple[int, ...], lam: float, metric: str,
                    boundary: str, scale: str) -> np.ndarray:
   """`K = A^{-1}` on fibers flattened in C order, float64, symmetric.
@@ -287,7 +287,10 @@ def blocked_factors(n: int, lam: float, metric: str, boundary: str,
     k = first[(np.arange(b)[:, None] - np.arange(n)[None, :]) % n]
     rest = k.reshape(1, b, p, b).copy()
   else:
-    k = dense_operator((n,), lam, metric, boundary, scale)
+    # Not the cached dense_operator: only the factors are kept (a Neumann
+    # operator of N = 3072 would hold 72 MB in the cache).
+    k = _operator_1d(n, lam, metric, boundary, scale)
+    k = 0.5 * (k + k.T)
     rest = k.reshape(p, b, p, b).copy()
   diag = k[:b, :b].copy()
   # The coupling, chunk row by chunk row, without the shared diagonal block.
