@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_cdg import _gains
+from optax_cdg import _methods
 from optax_cdg import _sharding
 
 
@@ -66,14 +67,16 @@ def _reweighted_lam(smoothing, dtype):
 
 
 class _FiberOp(NamedTuple):
-  """`A^{-1}` on every fiber along `axes`, given its constant operand.
+  """`A^{-1}` on every fiber along `axes`, given its constant operands.
 
+  The operands (the gains, the matrix `K`, the blocked factors or `lam`) are
+  arrays, so that the sharded application can pass them to every device.
   Hashable by value: it is a static argument of the sharded application, and
   an identity-hashed closure could be confused with a dead one whose id was
   reused.
   """
 
-  kind: str  # "spectral" (operand: the gains) or "centered" (operand: lam)
+  method: str  # "fft", "matmul", "blocked" or "closed"
   axes: tuple[int, ...]
   sizes: tuple[int, ...]
   boundary: str
@@ -83,18 +86,25 @@ class _FiberOp(NamedTuple):
     """The same operator on an array with `k` more leading (batch) axes."""
     return self._replace(axes=tuple(a + k for a in self.axes))
 
-  def __call__(self, grad: jax.Array, const: jax.Array) -> jax.Array:
+  def __call__(self, grad: jax.Array, *operands: jax.Array) -> jax.Array:
     x = grad.astype(self.dtype)
-    if self.kind == "centered":
+    if self.method == "closed":
       # The reweighted metric in closed form: mean + (x - mean) / lam.
+      (lam,) = operands
       mean = jnp.mean(x, axis=self.axes, keepdims=True)
-      out = mean + (x - mean) / const
+      out = mean + (x - mean) / lam
+    elif self.method == "matmul":
+      out = _methods.apply_matmul(x, self.axes, *operands)
+    elif self.method == "blocked":
+      out = _methods.apply_blocked(x, self.axes[0], *operands)
     elif self.boundary == "periodic":
+      (gain,) = operands
       spec = jnp.fft.rfftn(x, axes=self.axes)
-      out = jnp.fft.irfftn(spec * const, s=self.sizes, axes=self.axes)
+      out = jnp.fft.irfftn(spec * gain, s=self.sizes, axes=self.axes)
     else:
+      (gain,) = operands
       coef = jax.scipy.fft.dctn(x, type=2, axes=self.axes, norm="ortho")
-      out = jax.scipy.fft.idctn(coef * const, type=2, axes=self.axes,
+      out = jax.scipy.fft.idctn(coef * gain, type=2, axes=self.axes,
                                 norm="ortho")
     return out.astype(grad.dtype)
 
@@ -107,6 +117,7 @@ def metric_gradient(
     axes: int | Sequence[int] = (-1,),
     boundary: str = "periodic",
     scale: str = "unit",
+    method: str = "auto",
 ) -> jax.Array:
   r"""The gradient in a channel-directed metric: `A^{-1} grad` along `axes`.
 
@@ -125,6 +136,21 @@ def metric_gradient(
   for a periodic boundary and `idct(gain * dct(f))` (orthonormal DCT-II) for a
   Neumann boundary, with the gains of :func:`optax_cdg.spectral_gain`. The
   "reweighted" metric needs no transform: `mean + (f - mean) / lam`.
+
+  `A^{-1}` is also a fixed symmetric matrix `K` per axis length, so it can be
+  applied exactly without a transform; `method` picks how (all agree to
+  float32 accuracy):
+
+  - "auto": the fastest exact method for the backend, the axis length and
+    the metric (the rule and its measurements are in BENCHMARKS.md);
+  - "fft": the spectral transform above;
+  - "matmul": `x @ K` with `K` built in float64 at trace time (at run time,
+    from the eigenbasis, when `smoothing` is traced);
+  - "blocked": one axis cut into chunks of 8 to 64 values; `K` is a shared
+    diagonal block plus a rank-`R` coupling of the chunks (`R` = 2 for
+    "sobolev", 3 for "sobolev_mean"), so two skinny matmuls and a small mix.
+    Needs a concrete `smoothing` and a length divisible into such chunks;
+  - "closed": `mean + (f - mean) / lam`, for "reweighted" only.
 
   Half-precision inputs are computed in float32 and returned in their dtype.
 
@@ -153,6 +179,7 @@ def metric_gradient(
   _gains.check_choice("boundary", boundary, _gains.BOUNDARIES)
   _gains.check_choice("scale", scale, _gains.SCALES)
   _gains.check_smoothing(smoothing, metric)
+  _methods.check_method(method, metric)
   if not hasattr(grad, "dtype") or not hasattr(grad, "shape"):
     grad = jnp.asarray(grad)
   if not jnp.issubdtype(grad.dtype, jnp.floating):
@@ -165,14 +192,27 @@ def metric_gradient(
     return grad
 
   dtype = compute_dtype(grad.dtype)
-  if metric == "reweighted":
-    fn = _FiberOp("centered", axes, sizes, boundary, dtype)
-    const = _reweighted_lam(smoothing, dtype)
+  method = _methods.choose(
+      method, metric, sizes, _gains.concrete_scalar(smoothing),
+      boundary=boundary, scale=scale, last_axis=axes == (grad.ndim - 1,),
+      backend=jax.default_backend())
+  if method == "closed":
+    operands = (_reweighted_lam(smoothing, dtype),)
+  elif method == "matmul":
+    operands = (_methods.matmul_operand(sizes, smoothing, metric, boundary,
+                                        scale, dtype),)
+  elif method == "blocked":
+    if len(axes) != 1:
+      raise ValueError(
+          f"method='blocked' works along one axis; got axes={axes}. Use "
+          "method='auto', 'fft' or 'matmul'.")
+    operands = _methods.blocked_operands(sizes[0], smoothing, metric,
+                                         boundary, scale, dtype)
   else:
     gain = _gains.spectral_gain(
         sizes, smoothing, metric=metric, boundary=boundary, scale=scale
     )
-    fn = _FiberOp("spectral", axes, sizes, boundary, dtype)
-    const = jnp.asarray(_broadcast_gain(gain, axes, grad.ndim, dtype))
+    operands = (_broadcast_gain(gain, axes, grad.ndim, dtype),)
+  fn = _FiberOp(method, axes, sizes, boundary, dtype)
   # Fiber-local on every device, however the array is sharded.
-  return _sharding.apply_fiberwise(fn, grad, axes, const)
+  return _sharding.apply_fiberwise(fn, grad, axes, *operands)

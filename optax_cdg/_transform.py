@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from optax_cdg import _gains
+from optax_cdg import _methods
 from optax_cdg import _operator
 from optax_cdg import _selection
 
@@ -94,6 +95,7 @@ def channel_directed(
     boundary: str = "periodic",
     scale: str = "unit",
     kernels: Any = None,
+    method: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces conv-kernel gradients by their gradient in a channel metric.
 
@@ -133,6 +135,9 @@ def channel_directed(
       (leave alone), True (a Flax conv kernel), an output axis (-1 or -2) or a
       :class:`KernelSpec`. Or a callable `updates -> such a tree`, such as
       :func:`linen_conv_kernels` and :func:`nnx_conv_kernels` return.
+    method: how `A^{-1}` is applied, all exact: "auto" (the fastest for the
+      backend, the axis length and the metric), "fft", "matmul", "blocked" or
+      "closed" (see :func:`metric_gradient`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its state is
@@ -150,6 +155,7 @@ def channel_directed(
   _gains.check_choice("direction", direction, _selection.DIRECTIONS)
   _gains.check_choice("boundary", boundary, _gains.BOUNDARIES)
   _gains.check_choice("scale", scale, _gains.SCALES)
+  _methods.check_method(method, metric)
   is_schedule = callable(smoothing)
   if not is_schedule:
     _gains.check_smoothing(smoothing, metric)
@@ -171,7 +177,8 @@ def channel_directed(
 
     def transform(x, axes):
       return _operator.metric_gradient(
-          x, lam, metric=metric, axes=axes, boundary=boundary, scale=scale)
+          x, lam, metric=metric, axes=axes, boundary=boundary, scale=scale,
+          method=method)
 
     spec = resolve_kernels(kernels, updates)
     return map_selected(transform, updates, spec, direction), state

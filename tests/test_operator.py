@@ -1,6 +1,6 @@
 """Tests of optax_cdg.metric_gradient against dense float64 solves."""
 
-import itertools
+import functools
 
 from absl.testing import parameterized
 import chex
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import optax_cdg
+from optax_cdg import _methods
 from _reference import apply_dense, metric_matrix
 
 METRICS = ("sobolev", "sobolev_mean", "reweighted", "l2")
@@ -238,3 +239,111 @@ class BadInputTest(parameterized.TestCase):
   def test_non_float_grad(self, dtype):
     with pytest.raises(TypeError, match="real floating-point"):
       optax_cdg.metric_gradient(jnp.ones((2, 4), dtype), 0.1)
+
+
+class MethodTest(parameterized.TestCase):
+  """Every `method=` against the dense reference, and the "auto" rule."""
+
+  @parameterized.product(
+      method=("fft", "matmul", "blocked"),
+      metric=("sobolev", "sobolev_mean", "reweighted"), boundary=BOUNDARIES,
+      n=(32, 48))
+  def test_one_axis(self, method, metric, boundary, n):
+    lam = LAMBDA[metric]
+    x = _random((3, n), seed=n)
+    out = jax.jit(lambda g: optax_cdg.metric_gradient(
+        g, lam, metric=metric, boundary=boundary, method=method))(x)
+    ref = apply_dense(x, (-1,), metric_matrix((n,), lam, metric, boundary))
+    _assert_matches(out, ref)
+
+  @parameterized.product(method=("matmul", "blocked"), boundary=BOUNDARIES)
+  def test_axis_other_than_last_and_grid_scale(self, method, boundary):
+    x = _random((4, 32, 3))
+    out = optax_cdg.metric_gradient(jnp.asarray(x), 0.3, axes=1,
+                                    boundary=boundary, scale="grid",
+                                    method=method)
+    ref = apply_dense(x, (1,), metric_matrix((32,), 0.3, "sobolev", boundary,
+                                             "grid"))
+    _assert_matches(out, ref)
+
+  @parameterized.product(
+      shape_axes=[((5, 4, 3, 2), (0, 1)), ((6, 5, 4), (0, 2))],
+      boundary=BOUNDARIES)
+  def test_matmul_several_axes(self, shape_axes, boundary):
+    shape, axes = shape_axes
+    x = _random(shape, seed=2)
+    out = optax_cdg.metric_gradient(jnp.asarray(x), 0.01, axes=axes,
+                                    boundary=boundary, method="matmul")
+    sizes = [shape[a] for a in axes]
+    ref = apply_dense(x, axes, metric_matrix(sizes, 0.01, "sobolev", boundary))
+    _assert_matches(out, ref)
+
+  @parameterized.product(metric=("sobolev", "sobolev_mean", "reweighted"),
+                         boundary=BOUNDARIES)
+  def test_matmul_traced_smoothing(self, metric, boundary):
+    x = _random((3, 24))
+    f = jax.jit(lambda g, lam: optax_cdg.metric_gradient(
+        g, lam, metric=metric, boundary=boundary, method="matmul"))
+    ref = apply_dense(x, (-1,), metric_matrix((24,), LAMBDA[metric], metric,
+                                              boundary))
+    _assert_matches(f(x, LAMBDA[metric]), ref)
+    assert np.all(np.isnan(f(x, -1.0)))
+
+  def test_closed_form(self):
+    x = _random((3, 10))
+    out = optax_cdg.metric_gradient(jnp.asarray(x), 4.0, metric="reweighted",
+                                    method="closed")
+    ref = apply_dense(x, (-1,), metric_matrix((10,), 4.0, "reweighted"))
+    _assert_matches(out, ref)
+
+  def test_large_blocked_sizes(self):
+    # Big N: the chunk coupling spans the whole fiber; float32 still exact.
+    for n, metric in ((512, "sobolev"), (1024, "sobolev_mean")):
+      x = _random((2, n), seed=n)
+      for boundary in BOUNDARIES:
+        out = optax_cdg.metric_gradient(jnp.asarray(x), 1e-3, metric=metric,
+                                        boundary=boundary, method="blocked")
+        ref = apply_dense(x, (-1,), metric_matrix((n,), 1e-3, metric,
+                                                  boundary))
+        _assert_matches(out, ref)
+
+  def test_auto_rule(self):
+    choose = functools.partial(_methods.choose, "auto", boundary="periodic",
+                               scale="unit", last_axis=True)
+    assert choose("sobolev", (64,), 1e-3, backend="cpu") == "matmul"
+    assert choose("sobolev", (512,), 1e-3, backend="cpu") == "blocked"
+    assert choose("sobolev", (127,), 1e-3, backend="cpu") == "fft"
+    assert choose("sobolev", (512,), None, backend="cpu") == "fft"
+    assert choose("sobolev", (16,), None, backend="cpu") == "matmul"
+    assert choose("reweighted", (512,), 2.0, backend="cpu") == "closed"
+    assert choose("sobolev", (128,), 1e-3, backend="gpu") == "matmul"
+    assert choose("sobolev", (3, 3), 1e-3, backend="cpu",
+                  last_axis=False) == "matmul"
+    assert choose("sobolev", (16, 16), 1e-3, backend="cpu",
+                  last_axis=False) == "fft"
+    # A forced method is kept as it is.
+    assert _methods.choose("fft", "reweighted", (8,), 2.0, boundary="neumann",
+                           scale="grid", last_axis=True,
+                           backend="cpu") == "fft"
+
+  @parameterized.named_parameters(
+      ("unknown", dict(method="qr"), "method='qr' is not supported"),
+      ("type", dict(method=None), "method=None is not supported"),
+      ("closed_sobolev", dict(method="closed"),
+       "method='closed' is not available for metric='sobolev'"),
+      ("blocked_length", dict(method="blocked", n=7),
+       "method='blocked' needs an axis length .* got 7"),
+      ("blocked_axes", dict(method="blocked", axes=(0, 1)),
+       "method='blocked' works along one axis"),
+  )
+  def test_bad_method(self, kwargs, message):
+    kwargs = dict(kwargs)
+    n = kwargs.pop("n", 16)
+    with pytest.raises(ValueError, match=message):
+      optax_cdg.metric_gradient(jnp.ones((2, 3, n)), 0.1, **kwargs)
+
+  def test_blocked_needs_concrete_smoothing(self):
+    f = jax.jit(lambda g, lam: optax_cdg.metric_gradient(g, lam,
+                                                         method="blocked"))
+    with pytest.raises(ValueError, match="method='blocked' needs a concrete"):
+      f(jnp.ones((2, 32)), 0.1)

@@ -141,6 +141,16 @@ class UpdateTest(parameterized.TestCase):
     assert out["conv"]["bias"] is None
     assert isinstance(out["m"], optax.MaskedNode)
 
+  @parameterized.parameters("fft", "matmul", "blocked")
+  def test_method_is_forwarded(self, method):
+    grads = {"a": {"kernel": _random_like(jnp.ones((3, 3, 4, 32)))},
+             "b": {"kernel": _random_like(jnp.ones((1, 1, 8, 16)))}}
+    tx = optax_cdg.channel_directed(0.01, method=method)
+    out, _ = jax.jit(tx.update)(grads, tx.init(grads))
+    want = jax.tree.map(
+        lambda g: optax_cdg.metric_gradient(g, 0.01, method="fft"), grads)
+    chex.assert_trees_all_close(out, want, atol=1e-6)
+
   def test_empty_tree(self):
     tx = optax_cdg.channel_directed()
     assert tx.update({}, tx.init({}))[0] == {}
@@ -343,6 +353,9 @@ class BadInputTest(parameterized.TestCase):
        "real scalar"),
       ("kernels_value", dict(kernels={"a": "conv"}), TypeError,
        "kernels: the value at a is 'conv'"),
+      ("method", dict(method="svd"), ValueError, "method='svd'.*'auto'"),
+      ("method_metric", dict(method="closed"), ValueError,
+       "method='closed' is not available for metric='sobolev'"),
   )
   def test_build_time(self, kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -86,6 +86,29 @@ class ShardedUpdateTest(parameterized.TestCase):
     if allowed:
       assert "all-gather" not in found
 
+  @parameterized.product(
+      case=("input_axis", "output_axis", "output_and_input"),
+      mode=("auto", "explicit"),
+      method_boundary=(("fft", "periodic"), ("fft", "neumann"),
+                       ("matmul", "periodic"), ("blocked", "neumann")))
+  def test_every_method(self, case, mode, method_boundary):
+    method, boundary = method_boundary
+    spec, allowed = CASES[case]
+    tx = optax_cdg.channel_directed(1e-3, boundary=boundary, method=method)
+    grads = _grads()
+    want, _ = tx.update(grads, tx.init(grads))
+    axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
+    mesh = _mesh(axis_type)
+    with jax.set_mesh(mesh):
+      sharded = jax.tree.map(lambda x: jax.device_put(
+          x, NamedSharding(mesh, spec if x.ndim == 4 else P())), grads)
+      update = jax.jit(lambda g: tx.update(g, optax.EmptyState())[0])
+      out = update(sharded)
+      found = collectives(update.lower(sharded).compile())
+    np.testing.assert_allclose(out["conv"]["kernel"], want["conv"]["kernel"],
+                               rtol=0, atol=1e-6)
+    assert found <= allowed, f"{case}: {found}"
+
   @parameterized.parameters("auto", "explicit")
   def test_kernel_too_small_to_split_is_gathered(self, mode):
     # (1, 1, 2, 8) with the output axis split 4 ways: no other axis can take
