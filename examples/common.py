@@ -142,18 +142,25 @@ def init_variables(model: nn.Module, x: np.ndarray, seed: int) -> Any:
 _STEP_CACHE: dict[Any, Callable] = {}
 
 
-def train_step(model: nn.Module, tx: optax.GradientTransformation):
-  """The jitted step `(params, stats, opt_state, x, y) -> (params, stats,
-  opt_state, loss)`, compiled once per (model, tx) and reused."""
-  key = (model, tx)
-  if key in _STEP_CACHE:
-    return _STEP_CACHE[key]
+def batchnorm_loss(model: nn.Module) -> Callable:
+  """`(params, stats, x, y) -> (cross-entropy, new batch stats)`, training."""
 
   def loss_fn(params, stats, x, y):
     logits, new = model.apply({"params": params, "batch_stats": stats}, x,
                               train=True, mutable=["batch_stats"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, new["batch_stats"]
+
+  return loss_fn
+
+
+def train_step(model: nn.Module, tx: optax.GradientTransformation):
+  """The jitted step `(params, stats, opt_state, x, y) -> (params, stats,
+  opt_state, loss)`, compiled once per (model, tx) and reused."""
+  key = (model, tx)
+  if key in _STEP_CACHE:
+    return _STEP_CACHE[key]
+  loss_fn = batchnorm_loss(model)
 
   @jax.jit
   def step(params, stats, opt_state, x, y):

@@ -56,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import optax_cdg
-from common import SmallCNN, accuracy, load_mnist
+from common import SmallCNN, accuracy, batchnorm_loss, load_mnist
 
 
 def fsdp_spec(shape, n: int) -> P:
@@ -96,11 +96,7 @@ def main(args: argparse.Namespace) -> None:
   opt_state = tx.init(params)
   batch_sharding = NamedSharding(mesh, P("data"))
 
-  def loss_fn(params, stats, x, y):
-    logits, new = model.apply({"params": params, "batch_stats": stats}, x,
-                              train=True, mutable=["batch_stats"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, new["batch_stats"]
+  loss_fn = batchnorm_loss(model)
 
   @jax.jit
   def step(params, stats, opt_state, x, y):
