@@ -23,7 +23,14 @@ chosen on validation accuracy, never on test.
   python examples/reproduce.py --quick --out results_quick
   python examples/reproduce.py --out results_full      # the full mode
 
-Writes DIR/results.json, DIR/results.md and PNG plots to DIR.
+Writes DIR/results.json, DIR/results.md and PNG plots to DIR, and every
+finished run to DIR/runs/. With --resume, runs found there are reused: an
+interrupted invocation continues where it stopped, and optimizers run in
+separate processes merge into one report:
+
+  python examples/reproduce.py --optimizers sgd --out D &
+  python examples/reproduce.py --optimizers adamw --out D
+  wait; python examples/reproduce.py --resume --out D
 """
 
 from __future__ import annotations
@@ -519,6 +526,55 @@ def headline(rows, optimizers, mode) -> dict:
 # ----------------------------------------------------------------------- main
 
 
+class RunCache:
+  """Every finished run as DIR/runs/<settings>/<run>.json (+ .npz weights).
+
+  The settings directory names everything a run depends on besides the
+  method, learning rate and seed, so a resumed invocation with other settings
+  never reuses a run. Weights are stored as plain arrays (no pickle) and
+  restored into the model's own tree structure.
+  """
+
+  def __init__(self, out: str, model_name: str, mode: Mode, template: Any):
+    self.dir = os.path.join(
+        out, "runs", f"{model_name}-train{mode.train_size}-"
+        f"epochs{mode.epochs}-batch{mode.batch_size}")
+    self.treedef = jax.tree.structure(template)
+
+  def _path(self, m: Method, lr: float, seed: int) -> str:
+    name = "_".join(str(v) for v in (m.optimizer, m.transform, m.metric,
+                                     m.direction, m.smoothing))
+    return os.path.join(self.dir, f"{name}_lr{lr!r}_seed{seed}")
+
+  def load(self, m: Method, lr: float, seed: int) -> common.RunResult | None:
+    path = self._path(m, lr, seed)
+    if not (os.path.exists(path + ".json") and os.path.exists(path + ".npz")):
+      return None
+    with open(path + ".json") as f:
+      fields = json.load(f)
+    with np.load(path + ".npz", allow_pickle=False) as z:
+      leaves = [z[f"arr_{i}"] for i in range(len(z.files))]
+    if len(leaves) != self.treedef.num_leaves:
+      raise ValueError(f"{path}.npz holds {len(leaves)} arrays; the model "
+                       f"has {self.treedef.num_leaves}: another model?")
+    return common.RunResult(
+        variables=jax.tree.unflatten(self.treedef, leaves), **fields)
+
+  def save(self, m: Method, lr: float, seed: int,
+           result: common.RunResult) -> None:
+    os.makedirs(self.dir, exist_ok=True)
+    path = self._path(m, lr, seed)
+    leaves = [np.asarray(x) for x in jax.tree.leaves(result.variables)]
+    np.savez(path + ".tmp.npz", *leaves)
+    fields = {k: v for k, v in dataclasses.asdict(result).items()
+              if k != "variables"}
+    with open(path + ".tmp.json", "w") as f:
+      json.dump(fields, f)
+    # Weights first, then the record: a half-written run is never loaded.
+    os.replace(path + ".tmp.npz", path + ".npz")
+    os.replace(path + ".tmp.json", path + ".json")
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
@@ -536,6 +592,10 @@ def parse_args(argv=None):
   p.add_argument("--batch-size", type=int)
   p.add_argument("--seeds", type=int, help="number of paired seeds")
   p.add_argument("--optimizers", help="comma-separated: sgd,adamw")
+  p.add_argument("--resume", action="store_true",
+                 help="reuse the runs already finished in DIR/runs (every "
+                 "run is saved there as it ends), e.g. after an interruption "
+                 "or to merge optimizers run in separate processes")
   p.add_argument("--plan", action="store_true",
                  help="print the runs that would be made and exit")
   p.add_argument("--no-progress", action="store_true",
@@ -591,6 +651,9 @@ def main(argv=None) -> dict:
   model = common.SmallCNN() if args.model == "cnn" else common.ResNet()
   kernels = optax_cdg.linen_conv_kernels(model, data["train"].x[:1])
   total_steps = mode.epochs * steps
+  cache = RunCache(args.out, args.model, mode,
+                   common.init_variables(model, data["train"].x, 0))
+  reused = 0
   runs: dict[Method, dict[float, dict[int, common.RunResult]]] = {}
   txs: dict[tuple, optax.GradientTransformation] = {}
   outer = tqdm(total=n_runs, desc="all runs", unit="run", position=0,
@@ -605,6 +668,12 @@ def main(argv=None) -> dict:
       if m.smoothing is not None:
         hyper["smoothing"] = m.smoothing
       for seed in seeds:
+        if args.resume:
+          runs[m][lr][seed] = cache.load(m, lr, seed)
+          if runs[m][lr][seed] is not None:
+            reused += 1
+            outer.update(1)
+            continue
         with tqdm(total=total_steps, desc=f"{m.label()} lr={lr:g} s{seed}",
                   unit="step", position=1, leave=False,
                   disable=args.no_progress) as bar:
@@ -612,6 +681,7 @@ def main(argv=None) -> dict:
               model, txs[m.kind], data, epochs=mode.epochs,
               batch_size=mode.batch_size, seed=seed, progress=bar,
               hyperparams=hyper)
+        cache.save(m, lr, seed, runs[m][lr][seed])
         outer.update(1)
     lr = select_lr({g: [runs[m][g][s].val_acc for s in seeds]
                     for g in runs[m]})
@@ -619,6 +689,8 @@ def main(argv=None) -> dict:
     tqdm.write(f"{m.label():40s} lr {lr:<6g} test {_pm(*test)} %  "
                f"[{time.perf_counter() - start:.0f} s]")
   outer.close()
+  if reused:
+    print(f"reused {reused} of {n_runs} runs from {cache.dir}")
   train_seconds = time.perf_counter() - start
 
   rows = summarize(methods, runs, mode.lr_grid, seeds)
@@ -672,6 +744,12 @@ def main(argv=None) -> dict:
                         for lab, s in sp.items()}
                   for opt, sp in spectra.items()},
       "seconds_training": train_seconds,
+      # With --resume, seconds_training covers only this invocation; the sum
+      # of the runs' own loop times covers them all.
+      "runs_reused": reused,
+      "seconds_in_runs": sum(r.seconds for per_lr in runs.values()
+                             for per_seed in per_lr.values()
+                             for r in per_seed.values()),
       "seconds_total": time.perf_counter() - start,
       "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
       "platform": {"python": platform.python_version(),

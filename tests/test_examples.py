@@ -1,5 +1,6 @@
 """Tests of the example scripts' loaders, statistics and training steps."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -7,6 +8,7 @@ import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,6 +158,36 @@ class StatisticsTest(parameterized.TestCase):
                            12.706204736174698 * 0.01, places=9)
     self.assertTrue(c["learning_rate_at_grid_edge"])
     self.assertIs(reproduce.best_cdg(rows, "sgd"), c)
+
+  def test_run_cache_round_trip_and_keys(self):
+    template = {"params": {"w": np.zeros((2, 3), np.float32),
+                           "b": np.zeros(3, np.float32)},
+                "batch_stats": {"mean": np.zeros(3, np.float32)}}
+    mode = reproduce.MODES["quick"]
+    m = reproduce.Method("sgd", "cdg", "sobolev", "output", 1e-3)
+    result = common.RunResult(
+        test_acc=0.5, val_acc=0.25, train_loss=[2.0, 1.5],
+        val_curve=[0.125, 0.25], seconds=3.0,
+        variables=jax.tree.map(lambda x: x + np.float32(0.1), template))
+    with tempfile.TemporaryDirectory() as out:
+      cache = reproduce.RunCache(out, "cnn", mode, template)
+      self.assertIsNone(cache.load(m, 0.5, 0))
+      cache.save(m, 0.5, 0, result)
+      back = cache.load(m, 0.5, 0)
+      self.assertEqual(back.val_curve, result.val_curve)
+      self.assertEqual(back.test_acc, result.test_acc)
+      chex.assert_trees_all_equal(back.variables, result.variables)
+      # Another learning rate, seed, smoothing or setting is another run.
+      self.assertIsNone(cache.load(m, 1.0, 0))
+      self.assertIsNone(cache.load(m, 0.5, 1))
+      self.assertIsNone(cache.load(
+          reproduce.Method("sgd", "cdg", "sobolev", "output", 1e-2), 0.5, 0))
+      other = reproduce.RunCache(out, "cnn", dataclasses.replace(
+          mode, epochs=mode.epochs + 1), template)
+      self.assertIsNone(other.load(m, 0.5, 0))
+      wrong_model = reproduce.RunCache(out, "cnn", mode, {"w": np.zeros(1)})
+      with self.assertRaisesRegex(ValueError, "another model"):
+        wrong_model.load(m, 0.5, 0)
 
 
 class CommonTest(absltest.TestCase):
