@@ -87,9 +87,11 @@ def check_smoothing(value: Any, metric: str, name: str = "smoothing") -> None:
   if lam is None or smoothing_is_valid(lam, metric):
     return
   need = "> 0" if metric in ("sobolev_mean", "reweighted") else ">= 0"
+  # LSGD's sigma has no metric argument to blame.
+  where = f" for metric={metric!r}" if name == "smoothing" else ""
   raise ValueError(
-      f"{name}={lam!r} is not valid for metric={metric!r}: it must be a "
-      f"finite number {need}."
+      f"{name}={lam!r} is not valid{where}: it must be a finite number "
+      f"{need}."
   )
 
 
