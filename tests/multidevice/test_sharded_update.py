@@ -146,6 +146,34 @@ class ShardedUpdateTest(parameterized.TestCase):
     chex_close(out["conv"]["kernel"], want["conv"]["kernel"], atol=1e-6)
     assert not found, found
 
+  @parameterized.product(
+      case=("input_axis", "output_axis", "output_and_input",
+            "output_two_mesh_axes"),
+      mode=("auto", "explicit"),
+      method=("auto", "fft", "matmul", "blocked"))
+  def test_nan_stays_in_its_fiber(self, case, mode, method):
+    # The all-to-all moves fibers between devices; a NaN must still reach
+    # no other fiber and no other leaf.
+    spec, _ = CASES[case]
+    tx = optax_cdg.channel_directed(1e-3, method=method)
+    grads = _grads()
+    clean, _ = tx.update(grads, tx.init(grads))
+    grads["conv"]["kernel"] = grads["conv"]["kernel"].at[1, 0, 5, 7].set(
+        jnp.nan)
+    mesh = _mesh(AxisType.Explicit if mode == "explicit" else AxisType.Auto)
+    with jax.set_mesh(mesh):
+      sharded = jax.tree.map(lambda x: jax.device_put(
+          x, NamedSharding(mesh, spec if x.ndim == 4 else P())), grads)
+      out = jax.jit(lambda g: tx.update(g, optax.EmptyState())[0])(sharded)
+    kernel = np.asarray(out["conv"]["kernel"])
+    assert np.isnan(kernel[1, 0, 5]).all()
+    others = np.ones(SHAPE[:-1], bool)
+    others[1, 0, 5] = False
+    np.testing.assert_allclose(kernel[others],
+                               np.asarray(clean["conv"]["kernel"])[others],
+                               rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(out["conv"]["bias"], grads["conv"]["bias"])
+
   def test_grad_and_vmap_on_many_devices(self):
     x = _grads()["conv"]["kernel"]
     mesh = _mesh(AxisType.Auto)
