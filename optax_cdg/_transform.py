@@ -15,8 +15,11 @@ from optax_cdg import _methods
 from optax_cdg import _operator
 from optax_cdg import _selection
 
-# Provisional, from the quick sweep recorded in README.md ("Default smoothing").
-DEFAULT_SMOOTHING = 1e-3
+# From the seeded, learning-rate-tuned comparison in README.md ("Default
+# smoothing"): no smoothing beat the baseline there, and 1e-4 is the "sobolev"
+# value that did the least harm for both SGD and AdamW while still damping the
+# high channel frequencies of wide layers.
+DEFAULT_SMOOTHING = 1e-4
 
 
 class ChannelDirectedState(NamedTuple):
@@ -120,6 +123,9 @@ def channel_directed(
 
   Args:
     smoothing: `lam`, a number or a schedule (a callable of the step count).
+      The default, `DEFAULT_SMOOTHING = 1e-4`, did the least harm among the
+      "sobolev" values of a seeded comparison in which no smoothing improved
+      test accuracy (README, "Default smoothing").
       "sobolev" needs `lam >= 0`, "sobolev_mean" and "reweighted" `lam > 0`.
       A traced value (`optax.inject_hyperparams`, a schedule under jit) that
       the metric rejects makes the selected updates NaN, since it cannot raise.
