@@ -50,7 +50,9 @@ def _grads():
                                        jnp.float32)}}
 
 
-def _mesh(axis_type):
+def _mesh(mode):
+  """The 2 x 4 mesh ("a", "b") in sharding mode "auto" or "explicit"."""
+  axis_type = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}[mode]
   return jax.make_mesh((2, 4), ("a", "b"), axis_types=(axis_type,) * 2)
 
 
@@ -66,8 +68,7 @@ class ShardedUpdateTest(parameterized.TestCase):
     tx = optax_cdg.channel_directed(lam, metric=metric, boundary=boundary)
     grads = _grads()
     want, _ = tx.update(grads, tx.init(grads))
-    axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
-    mesh = _mesh(axis_type)
+    mesh = _mesh(mode)
     with jax.set_mesh(mesh):
       sharded = {"conv": {
           "kernel": jax.device_put(grads["conv"]["kernel"],
@@ -97,8 +98,7 @@ class ShardedUpdateTest(parameterized.TestCase):
     tx = optax_cdg.channel_directed(1e-3, boundary=boundary, method=method)
     grads = _grads()
     want, _ = tx.update(grads, tx.init(grads))
-    axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
-    mesh = _mesh(axis_type)
+    mesh = _mesh(mode)
     with jax.set_mesh(mesh):
       sharded = jax.tree.map(lambda x: jax.device_put(
           x, NamedSharding(mesh, spec if x.ndim == 4 else P())), grads)
@@ -115,8 +115,7 @@ class ShardedUpdateTest(parameterized.TestCase):
     # the 4 shards, so the fibers are gathered (the documented fallback).
     g = jnp.arange(16.0).reshape(1, 1, 2, 8) ** 2
     want = optax_cdg.metric_gradient(g, 1e-2)
-    axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
-    mesh = _mesh(axis_type)
+    mesh = _mesh(mode)
     with jax.set_mesh(mesh):
       gs = jax.device_put(g, NamedSharding(mesh, P(None, None, None, "b")))
       f = jax.jit(lambda x: optax_cdg.metric_gradient(x, 1e-2))
@@ -132,8 +131,7 @@ class ShardedUpdateTest(parameterized.TestCase):
     tx = optax_cdg.channel_directed(1e-2, direction=direction)
     grads = _grads()
     want, _ = tx.update(grads, tx.init(grads))
-    axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
-    mesh = _mesh(axis_type)
+    mesh = _mesh(mode)
     # Shard the output axis: for these directions it is a batch axis.
     with jax.set_mesh(mesh):
       sharded = jax.tree.map(
@@ -160,7 +158,7 @@ class ShardedUpdateTest(parameterized.TestCase):
     clean, _ = tx.update(grads, tx.init(grads))
     grads["conv"]["kernel"] = grads["conv"]["kernel"].at[1, 0, 5, 7].set(
         jnp.nan)
-    mesh = _mesh(AxisType.Explicit if mode == "explicit" else AxisType.Auto)
+    mesh = _mesh(mode)
     with jax.set_mesh(mesh):
       sharded = jax.tree.map(lambda x: jax.device_put(
           x, NamedSharding(mesh, spec if x.ndim == 4 else P())), grads)
@@ -176,7 +174,7 @@ class ShardedUpdateTest(parameterized.TestCase):
 
   def test_grad_and_vmap_on_many_devices(self):
     x = _grads()["conv"]["kernel"]
-    mesh = _mesh(AxisType.Auto)
+    mesh = _mesh("auto")
     with jax.set_mesh(mesh):
       xs = jax.device_put(x, NamedSharding(mesh, P(None, None, "a", "b")))
       f = lambda z: optax_cdg.metric_gradient(z, 1e-3)
@@ -193,7 +191,7 @@ class ShardedUpdateTest(parameterized.TestCase):
                      "kernels"))(smoothing=1e-3)
     grads = _grads()
     state = tx.init(grads)
-    mesh = _mesh(AxisType.Explicit)
+    mesh = _mesh("explicit")
     with jax.set_mesh(mesh):
       sharded = jax.tree.map(
           lambda x: jax.device_put(x, NamedSharding(mesh, P())), grads)
@@ -210,8 +208,7 @@ class ShardedUpdateTest(parameterized.TestCase):
 @pytest.mark.parametrize("mode", ["auto", "explicit"])
 def test_training_step_keeps_param_shardings(mode):
   """An FSDP-style step: sharded params and momentum stay sharded."""
-  axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
-  mesh = _mesh(axis_type)
+  mesh = _mesh(mode)
   tx = optax.chain(optax_cdg.channel_directed(1e-3),
                    optax.sgd(0.1, momentum=0.9))
   params = _grads()
