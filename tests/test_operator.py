@@ -31,7 +31,7 @@ def _assert_matches(out, ref, rtol=2e-5):
 
 
 class DenseReferenceTest(parameterized.TestCase):
-  """Property 1: equals the dense reference to float32 accuracy."""
+  """Property 1 of docs/math.md: equals the dense float64 reference."""
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.product(
@@ -78,7 +78,7 @@ class DenseReferenceTest(parameterized.TestCase):
 
 
 class PropertiesTest(parameterized.TestCase):
-  """Properties 2-5 and 7 of cdg-math.md, section 3."""
+  """Properties 2-5 and 7 of docs/math.md ("Properties the tests check")."""
 
   @parameterized.product(metric=METRICS, boundary=BOUNDARIES, n=(7, 64))
   def test_linear_self_adjoint_positive(self, metric, boundary, n):
