@@ -75,3 +75,11 @@ def test_page_code_runs(page, page_runs):
   ran = [b for b in blocks if b.skip is None]
   for b in ran:
     assert f"{page}:{b.line}: ran" in stdout, stdout
+
+
+def test_readme_stays_short():
+  # The README is the front page; the reference lives in docs/.
+  with open(os.path.join(_doc_blocks.REPO, "README.md"),
+            encoding="utf-8") as f:
+    length = len(f.read())
+  assert length <= 8000, f"README.md has {length} characters (at most 8000)"
