@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from optax_cdg import _gains
 from optax_cdg import _operator
 from optax_cdg import _selection
-from optax_cdg import _transform
 
 
 class _Spectrum:
@@ -90,14 +89,14 @@ def channel_spectrum(
   _gains.check_choice("boundary", boundary, _gains.BOUNDARIES)
   if not isinstance(normalize, bool):
     raise TypeError(f"normalize={normalize!r} must be a bool.")
-  _transform.check_kernels(kernels)
-  spec = _transform.resolve_kernels(kernels, tree)
+  _selection.check_kernels(kernels)
+  spec = _selection.resolve_kernels(kernels, tree)
 
   def one(x, axes):
     (axis,) = axes
     return _Spectrum(_fiber_energy(x, axis, boundary, normalize))
 
-  out = _transform.map_selected(one, tree, spec, "output")
+  out = _selection.map_selected(one, tree, spec, "output")
   return jax.tree.map(
       lambda x: x.value if isinstance(x, _Spectrum) else None, out,
       is_leaf=lambda x: isinstance(x, _Spectrum) or _selection.is_passthrough(x))
