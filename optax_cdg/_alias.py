@@ -47,13 +47,9 @@ def with_channel_directed(
     optimizer: any Optax gradient transformation, for example
       `optax.lion(1e-4)` or `optax.chain(optax.clip_by_global_norm(1.0),
       optax.adamw(1e-3))`.
-    smoothing: as for :func:`channel_directed`.
-    metric: as for :func:`channel_directed`.
-    direction: as for :func:`channel_directed`.
-    boundary: as for :func:`channel_directed`.
-    scale: as for :func:`channel_directed`.
-    kernels: as for :func:`channel_directed`.
-    method: as for :func:`channel_directed`.
+    smoothing: `lam` of :func:`channel_directed`, a number or a schedule.
+    metric, direction, boundary, scale, kernels, method: as for
+      :func:`channel_directed`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is the
@@ -70,6 +66,10 @@ def with_channel_directed(
     >>> updates["conv"]["kernel"].shape
     (3, 3, 2, 8)
   """
+  if not isinstance(optimizer, optax.GradientTransformation):
+    raise TypeError(
+        f"optimizer={optimizer!r} must be an optax.GradientTransformation, "
+        "such as optax.adam(1e-3) (called, not the function optax.adam).")
   return optax.chain(
       _transform.channel_directed(
           smoothing, metric=metric, direction=direction, boundary=boundary,
@@ -124,12 +124,8 @@ def cdg_sgd(
       needs `params` in `update`.
     smoothing: `lam` of :func:`channel_directed`, a number or a schedule.
     mask: which parameters are decayed, as for `optax.add_decayed_weights`.
-    metric: as for :func:`channel_directed`.
-    direction: as for :func:`channel_directed`.
-    boundary: as for :func:`channel_directed`.
-    scale: as for :func:`channel_directed`.
-    kernels: as for :func:`channel_directed`.
-    method: as for :func:`channel_directed`.
+    metric, direction, boundary, scale, kernels, method: as for
+      :func:`channel_directed`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -208,12 +204,8 @@ def cdg_adamw(
     mask: which parameters are decayed, as for `optax.adamw`.
     smoothing: `lam` of :func:`channel_directed`, a number or a schedule.
     nesterov: as for `optax.adamw`.
-    metric: as for :func:`channel_directed`.
-    direction: as for :func:`channel_directed`.
-    boundary: as for :func:`channel_directed`.
-    scale: as for :func:`channel_directed`.
-    kernels: as for :func:`channel_directed`.
-    method: as for :func:`channel_directed`.
+    metric, direction, boundary, scale, kernels, method: as for
+      :func:`channel_directed`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.

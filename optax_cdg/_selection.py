@@ -336,7 +336,26 @@ def linen_conv_kernels(module: Any, *example_args: Any,
   Returns:
     A value for `channel_directed(kernels=...)`: a callable that selects the
     recorded kernels in `module.init(rng, *example_args,
-    **example_kwargs)["params"]`, by path.
+    **example_kwargs)["params"]`, by path. Through `optax.inject_hyperparams`
+    it needs `static_args=("kernels",)`.
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax_cdg
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     x = nn.Conv(8, (3, 3))(x)
+    ...     return nn.DenseGeneral((3, 4), name="proj")(x)  # kernel (8, 3, 4)
+    >>> x = jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32)
+    >>> kernels = optax_cdg.linen_conv_kernels(Net(), x)
+    >>> params = Net().init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    >>> kernels(params["params"])["proj"]["kernel"]  # the guess would take it
+    False
+    >>> kernels(params["params"])["Conv_0"]["kernel"]
+    KernelSpec(output_axis=-1, stacked_axes=0, input_axis=None)
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   if not isinstance(module, nn.Module):
@@ -398,7 +417,26 @@ def nnx_conv_kernels(model: Any) -> PathSelection:
     A value for `channel_directed(kernels=...)`: a callable that selects those
     kernels by path, in `nnx.state(model, nnx.Param)` whether it holds
     Variables (as `nnx.Optimizer.init` passes it) or pure arrays (as its
-    `update` does).
+    `update` does). Through `optax.inject_hyperparams` it needs
+    `static_args=("kernels",)`.
+
+  Examples:
+    >>> import optax
+    >>> from flax import nnx
+    >>> import optax_cdg
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.conv = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+    ...     self.up = nnx.ConvTranspose(8, 4, (2, 2), transpose_kernel=True,
+    ...                                 rngs=rngs)
+    >>> model = Net(nnx.Rngs(0))
+    >>> kernels = optax_cdg.nnx_conv_kernels(model)
+    >>> spec = kernels(nnx.as_pure(nnx.state(model, nnx.Param)))
+    >>> spec["up"]["kernel"].output_axis, spec["conv"]["bias"]
+    (-2, False)
+    >>> tx = optax.chain(optax_cdg.channel_directed(kernels=kernels),
+    ...                  optax.adam(1e-3))
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   if not isinstance(model, nnx.Module):

@@ -71,6 +71,8 @@ class AliasTest(parameterized.TestCase):
         _run(optax_cdg.cdg_sgd(0.1, smoothing=2.0, **kwargs)), want)
     with pytest.raises(ValueError, match="metric='h1'"):
       optax_cdg.cdg_adamw(1e-3, metric="h1")
+    with pytest.raises(TypeError, match="optimizer=.*called, not the function"):
+      optax_cdg.with_channel_directed(optax.adam)
 
   @parameterized.parameters(optax_cdg.cdg_sgd, optax_cdg.cdg_adamw)
   def test_learning_rate_and_smoothing_injected(self, alias):

@@ -42,7 +42,7 @@ class EqxMixed(eqx.Module):
   norm: eqx.nn.LayerNorm
   custom: Custom
 
-  def __init__(self, key):
+  def __init__(self, *, key):
     k = iter(jax.random.split(key, 12))
     self.conv1 = eqx.nn.Conv1d(3, 8, 3, key=next(k))
     self.conv2 = eqx.nn.Conv2d(3, 12, 3, key=next(k))
@@ -67,13 +67,24 @@ EQX_MIXED_CONVS = {
 }
 
 
+def _fill(abstract, seed):
+  """Random arrays (numpy-made: no per-shape compilation) for array leaves."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype)
+      if isinstance(x, jax.ShapeDtypeStruct) else x, abstract)
+
+
+def _build(factory, *args, seed=0):
+  """An Equinox model built abstractly, then filled with random arrays."""
+  return _fill(eqx.filter_eval_shape(factory, *args, key=jax.random.key(0)),
+               seed)
+
+
 def _grads(model, seed=1):
   """Random gradients shaped like the model's arrays (None elsewhere)."""
-  params = eqx.filter(model, eqx.is_array)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [
-      jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves)])
+  return _fill(eqx.filter_eval_shape(lambda m: eqx.filter(m, eqx.is_array),
+                                     model), seed)
 
 
 def _selected_weights(spec_tree):
@@ -91,7 +102,7 @@ def _selected_weights(spec_tree):
 class SelectionTest(parameterized.TestCase):
 
   def test_selects_exactly_the_convs_with_their_layout(self):
-    model = EqxMixed(jax.random.key(0))
+    model = _build(EqxMixed)
     for tree in (model, eqx.filter(model, eqx.is_array), _grads(model)):
       got = _selected_weights(optax_cdg.conv_kernels(tree))
       self.assertEqual(got, {name: optax_cdg.KernelSpec(*spec)
@@ -100,7 +111,7 @@ class SelectionTest(parameterized.TestCase):
   @parameterized.parameters("output", "input", "spatial")
   def test_update_matches_dense_reference_and_leaves_the_rest(self,
                                                               direction):
-    model = EqxMixed(jax.random.key(0))
+    model = _build(EqxMixed)
     grads = _grads(model)
     tx = optax_cdg.channel_directed(3e-2, direction=direction)
     with warnings.catch_warnings():
@@ -123,7 +134,7 @@ class SelectionTest(parameterized.TestCase):
 
   def test_output_axis_changes_the_channel_mean_not(self):
     # Along OIHW's axis 0 a "sobolev" update keeps each fiber's mean.
-    conv = eqx.nn.Conv2d(3, 16, 3, key=jax.random.key(2))
+    conv = _build(eqx.nn.Conv2d, 3, 16, 3)
     grads = _grads(conv)
     out, _ = optax_cdg.channel_directed(1e-1).update(grads,
                                                      optax.EmptyState())
@@ -131,8 +142,20 @@ class SelectionTest(parameterized.TestCase):
     np.testing.assert_allclose(out.weight.mean(0), grads.weight.mean(0),
                                atol=1e-6)
 
+  def test_channel_spectrum_reads_the_oihw_output_axis(self):
+    model = _build(EqxMixed)
+    out = jax.jit(optax_cdg.channel_spectrum)(eqx.filter(model, eqx.is_array))
+    for name, (o, _, _) in EQX_MIXED_CONVS.items():
+      w = getattr(model, name).weight
+      self.assertEqual(getattr(out, name).weight.shape,
+                       (w.shape[o] // 2 + 1,))
+      assert getattr(out, name).bias is None
+    rest = jax.tree.leaves((out.linear, out.norm, out.custom),
+                           is_leaf=lambda x: x is None)
+    self.assertEqual(rest, [None] * 5)  # linear w, b; norm w, b; custom
+
   def test_a_model_without_convs_warns(self):
-    mlp = eqx.nn.MLP(4, 2, 8, 2, key=jax.random.key(0))
+    mlp = _build(eqx.nn.MLP, 4, 2, 8, 2)
     grads = _grads(mlp)
     tx = optax_cdg.channel_directed()
     with pytest.warns(optax_cdg.NoKernelsSelectedWarning,
@@ -161,7 +184,7 @@ class _CNN(eqx.Module):
 def test_training_with_filter_value_and_grad_and_adam():
   x, y = toy_task()
   x = jnp.transpose(x, (0, 3, 1, 2))  # Equinox convs are channels-first
-  model = _CNN(jax.random.key(0))
+  model = eqx.filter_jit(_CNN)(jax.random.key(0))  # one compilation
   tx = optax.chain(optax_cdg.channel_directed(1e-2), optax.adam(1e-2))
   opt_state = tx.init(eqx.filter(model, eqx.is_array))
 
@@ -195,20 +218,22 @@ def test_training_with_filter_value_and_grad_and_adam():
   assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
 
 
-def _run_example(*args):
-  return subprocess.run(
-      [sys.executable, os.path.join(ROOT, "examples", "quickstart_equinox.py"),
-       *args], capture_output=True, text=True, timeout=300, check=False,
-      env={**os.environ, "PYTHONPATH": ROOT})
-
-
-def test_quickstart_equinox_runs_as_a_script():
+def test_quickstart_equinox_runs_as_a_script(capsys):
   pytest.importorskip("mlxtend")
-  help_run = _run_example("--help")
-  assert help_run.returncode == 0, help_run.stderr
-  assert "--smoothing" in help_run.stdout
-  run = _run_example("--train-size", "128", "--epochs", "1",
-                     "--batch-size", "32", "--widths", "4,8")
+  sys.path.insert(0, os.path.join(ROOT, "examples"))
+  try:
+    import quickstart_equinox  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  with pytest.raises(SystemExit) as exit_info:
+    quickstart_equinox.main(["--help"])
+  assert exit_info.value.code == 0
+  assert "--smoothing" in capsys.readouterr().out
+  run = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "examples", "quickstart_equinox.py"),
+       "--train-size", "64", "--epochs", "1", "--batch-size", "32",
+       "--widths", "4"], capture_output=True, text=True, timeout=300,
+      check=False, env={**os.environ, "PYTHONPATH": ROOT})
   assert run.returncode == 0, run.stderr
   lines = run.stdout.splitlines()
   for name in ("adamw", "cdg_adamw"):

@@ -167,3 +167,25 @@ class ResolveSpecTest(parameterized.TestCase):
     with pytest.raises(TypeError, match="real floating-point"):
       _selection.resolve_spec(True, (), jnp.ones((3, 4, 8), jnp.int32),
                               "output")
+
+
+class StepCountTest(parameterized.TestCase):
+  """What optax.inject_hyperparams hands a callable `kernels`: the count."""
+
+  def test_conv_kernels_names_static_args(self):
+    count = jnp.zeros([], jnp.int32)
+    with pytest.raises(TypeError, match=r"conv_kernels was called with "
+                       r"Array\(0, dtype=int32\).*static_args"):
+      optax_cdg.conv_kernels(count)
+    with pytest.raises(TypeError, match="static_args"):
+      jax.jit(optax_cdg.conv_kernels)(count)  # a traced count too
+
+  def test_helpers_name_static_args(self):
+    sel = optax_cdg.linen_conv_kernels(LinenCNN(), jnp.ones((1, 8, 8, 1)))
+    with pytest.raises(TypeError, match="linen module LinenCNN was called "
+                       "with.*static_args"):
+      sel(jnp.zeros([], jnp.int32))
+
+  def test_scalar_float_leaf_is_still_a_tree(self):
+    # Only an integer scalar is taken for a step count.
+    assert optax_cdg.conv_kernels(jnp.ones([])) is False
