@@ -82,7 +82,11 @@ ROWS = (
      '{"k": jnp.ones((3, 3, 2, 8), jnp.complex64)})', None),
     ("kernels", 'update(channel_directed(kernels={"k": True}), '
                 '{"k": jnp.ones(8)})', None),
-    ("kernels", 'update(channel_directed(kernels={"k": 0}), {"k": k})', None),
+    ("kernels", 'update(channel_directed(kernels={"k": 4}), {"k": k})', None),
+    ("kernels", 'update(channel_directed(direction="input", '
+                'kernels={"k": 0}), {"k": k})', None),
+    ("kernels", "update(optax.inject_hyperparams(channel_directed)"
+                "(kernels=conv_kernels), g)", None),
     ("kernels", 'update(channel_directed(kernels={"k": KernelSpec(-1, 3)}), '
                 '{"k": k})', None),
     ("kernels", 'update(channel_directed(direction="spatial", '
