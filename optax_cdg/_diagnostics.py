@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_cdg import _gains
+from optax_cdg import _checks
 from optax_cdg import _operator
 from optax_cdg import _selection
 from optax_cdg import _transform
@@ -87,7 +87,7 @@ def channel_spectrum(
     array of `N // 2 + 1` (periodic) or `N` (Neumann) energies, in float32
     (float64 for float64 kernels), and None at every other leaf.
   """
-  _gains.check_choice("boundary", boundary, _gains.BOUNDARIES)
+  _checks.check_option("boundary", boundary)
   if not isinstance(normalize, bool):
     raise TypeError(f"normalize={normalize!r} must be a bool.")
   _transform.check_kernels(kernels)
