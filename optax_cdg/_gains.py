@@ -4,8 +4,8 @@ Every metric in this package is a function of the discrete Laplacian along the
 direction axes, so it is diagonal in the Laplacian's eigenbasis (the DFT for a
 periodic boundary, the orthonormal DCT-II for a Neumann boundary). Its inverse,
 which maps the Euclidean gradient to the gradient in the metric, is therefore a
-gain per frequency. This module computes those gains and validates the
-arguments shared by the whole package.
+gain per frequency. This module computes those gains (in float64 numpy for a
+concrete smoothing value, in jax for a traced one, from one formula).
 """
 
 from __future__ import annotations
@@ -140,6 +140,13 @@ def spectral_gain(
     (`N // 2 + 1`) for a periodic boundary. A float64 numpy array for a
     concrete `smoothing`, a jax array of the default float dtype (float32, or
     float64 under `jax_enable_x64`) for a traced one.
+
+  Examples:
+    >>> import optax_cdg
+    >>> optax_cdg.spectral_gain(8, 0.01).round(4).tolist()
+    [1.0, 0.7273, 0.4386, 0.314, 0.2809]
+    >>> optax_cdg.spectral_gain(8, 0.5, metric="reweighted").tolist()
+    [1.0, 2.0, 2.0, 2.0, 2.0]
 
   References:
     Lao et al., `Channel-Directed Gradients for Optimization of Convolutional

@@ -51,7 +51,10 @@ def metric_gradient(
   float32 accuracy):
 
   - "auto": the fastest exact method for the backend, the axis length and
-    the metric (the rule and its measurements are in BENCHMARKS.md);
+    the metric whose trace-time arrays stay within a fixed budget (the rule,
+    the cost of each method and the measurements are in
+    docs/performance.md); at every size it needs memory linear in the
+    array and at most `O(N log N)` work per fiber;
   - "fft": the spectral transform above;
   - "matmul": `x @ K` with `K` built in float64 at trace time (at run time,
     from the eigenbasis, when `smoothing` is traced);
@@ -73,9 +76,28 @@ def metric_gradient(
     boundary: "periodic" (FFT) or "neumann" (DCT-II).
     scale: "unit" (`c(N) = N^2`, the axis is the unit interval) or "grid"
       (`c(N) = 1`).
+    method: how `A^{-1}` is applied (above); every method gives the same
+      result to float32 accuracy, and a forced one is used as it is.
 
   Returns:
     An array of the shape and dtype of `grad`.
+
+  Examples:
+    A spike in one channel is spread to its neighbours, and the mean is kept:
+
+    >>> import jax.numpy as jnp
+    >>> import optax_cdg
+    >>> g = jnp.array([[0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    >>> y = optax_cdg.metric_gradient(g, 0.01)
+    >>> [round(v, 3) for v in y[0].tolist()]
+    [0.202, 0.652, 2.12, 0.652, 0.202, 0.067, 0.038, 0.067]
+    >>> round(float(y.sum()), 5)
+    4.0
+
+    The "reweighted" metric scales the deviations from the mean by `1 / lam`:
+
+    >>> optax_cdg.metric_gradient(g, 2.0, metric="reweighted").tolist()
+    [[0.25, 0.25, 2.25, 0.25, 0.25, 0.25, 0.25, 0.25]]
 
   References:
     Lao et al., `Channel-Directed Gradients for Optimization of Convolutional
