@@ -24,6 +24,12 @@ applied exactly as
 All matrices are numpy float64 arrays, computed once per
 `(sizes, smoothing, metric, boundary, scale)` and cached, so under `jax.jit`
 they are constants of the compiled program.
+
+Every method, the spectral one ("fft") included, is a `Solver` in `SOLVERS`:
+how it builds its operands and how it applies them. `choose` is the one place
+where "auto" becomes a method (from `cost`, the table of docs/performance.md,
+and the measured crossovers); `Operator.__call__` the one place where a
+method is applied.
 """
 
 from __future__ import annotations
