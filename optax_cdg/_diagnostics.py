@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_cdg import _gains
+from optax_cdg import _checks
 from optax_cdg import _operator
 from optax_cdg import _selection
 
@@ -103,7 +103,7 @@ def channel_spectrum(
     ...     optax_cdg.spectral_gain(8, 1e-2)[4] ** 2), 4)
     (0.0789, 0.0789)
   """
-  _gains.check_choice("boundary", boundary, _gains.BOUNDARIES)
+  _checks.check_option("boundary", boundary)
   if not isinstance(normalize, bool):
     raise TypeError(f"normalize={normalize!r} must be a bool.")
   _selection.check_kernels(kernels)

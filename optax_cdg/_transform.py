@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_cdg import _gains
-from optax_cdg import _methods
+from optax_cdg import _checks
 from optax_cdg import _operator
 from optax_cdg import _selection
 
@@ -137,14 +136,14 @@ def channel_directed(
     Sundaramoorthi et al., `Sobolev Active Contours
     <https://doi.org/10.1007/s11263-006-0635-2>`_, IJCV 2007.
   """
-  _gains.check_choice("metric", metric, _gains.METRICS)
-  _gains.check_choice("direction", direction, _selection.DIRECTIONS)
-  _gains.check_choice("boundary", boundary, _gains.BOUNDARIES)
-  _gains.check_choice("scale", scale, _gains.SCALES)
-  _methods.check_method(method, metric)
+  _checks.check_option("metric", metric)
+  _checks.check_option("direction", direction, _selection.DIRECTIONS)
+  _checks.check_option("boundary", boundary)
+  _checks.check_option("scale", scale)
+  _checks.check_method(method, metric)
   is_schedule = callable(smoothing)
   if not is_schedule:
-    _gains.check_smoothing(smoothing, metric)
+    smoothing = _checks.check_smoothing(smoothing, metric)
   _selection.check_kernels(kernels)
 
   def init_fn(params):
@@ -156,7 +155,7 @@ def channel_directed(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     if is_schedule:
-      lam = smoothing(state.count)
+      lam = _checks.check_smoothing(smoothing(state.count), metric)
       state = ChannelDirectedState(count=optax.safe_increment(state.count))
     else:
       lam = smoothing
@@ -165,7 +164,7 @@ def channel_directed(
 
     def transform(x, axes):
       selected.append(axes)
-      return _operator.metric_gradient(
+      return _operator.apply(
           x, lam, metric=metric, axes=axes, boundary=boundary, scale=scale,
           method=method)
 
