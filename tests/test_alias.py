@@ -12,8 +12,7 @@ import optax
 import pytest
 
 import optax_cdg
-from optax_cdg import _gains
-from optax_cdg import _methods
+from optax_cdg import _checks
 from optax_cdg import _selection
 from optax_cdg import _transform
 
@@ -149,12 +148,12 @@ class PlacementTest(parameterized.TestCase):
 class TypesTest(parameterized.TestCase):
 
   def test_literals_match_the_checked_choices(self):
-    self.assertEqual(typing.get_args(_transform.Metric), _gains.METRICS)
-    self.assertEqual(typing.get_args(_transform.Boundary), _gains.BOUNDARIES)
-    self.assertEqual(typing.get_args(_transform.Scale), _gains.SCALES)
-    self.assertEqual(typing.get_args(_transform.Method), _methods.METHODS)
-    self.assertEqual(typing.get_args(_selection.Direction),
-                     ("output", "input", "spatial"))
+    for name, literal in [("metric", _transform.Metric),
+                          ("boundary", _transform.Boundary),
+                          ("scale", _transform.Scale),
+                          ("method", _transform.Method),
+                          ("direction", _selection.Direction)]:
+      self.assertEqual(typing.get_args(literal), _checks.OPTIONS[name], name)
 
   @parameterized.parameters(optax_cdg.channel_directed, optax_cdg.cdg_sgd,
                             optax_cdg.cdg_adamw,
