@@ -5,7 +5,8 @@
 --fail-on P: process P raises after joining; --hang-on P: process P
 never reaches the collective;
 --steps N: run the collective N times, printing "step S sum X" each time;
---fail-step S: with --fail-on, raise at step S instead.
+--fail-step S: with --fail-on, raise at step S instead;
+--no-fail-fast: see harness.initialize.
 """
 
 import argparse
@@ -18,16 +19,19 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--fail-on", type=int, default=-1)
 parser.add_argument("--hang-on", type=int, default=-1)
 parser.add_argument("--steps", type=int, default=1)
+parser.add_argument("--no-fail-fast", action="store_true",
+                    help="let an uncaught exception run JAX's shutdown")
 parser.add_argument("--fail-step", type=int, default=-1,
                     help="with --fail-on: raise at this step, not at joining")
 args = parser.parse_args()
 
-harness.initialize()
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
-from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+harness.initialize(fail_fast=not args.no_fail_fast)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 me = jax.process_index()
 print(f"process {me} of {jax.process_count()} joined", flush=True)

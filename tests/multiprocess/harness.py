@@ -98,8 +98,7 @@ def _env(process_id: int, num_processes: int, devices: int, coordinator: str,
 def launch(script: str, num_processes: int, devices_per_process: int,
            args: Sequence[str] = (), timeout: float = 300.0,
            grace: float | None = 30.0, kill_on: Mapping[int, str] | None = None,
-           env: Mapping[str, str] | None = None,
-           on_start=None) -> list[Outcome]:
+           env: Mapping[str, str] | None = None) -> list[Outcome]:
   """Runs `script` as `num_processes` joined processes; their outcomes.
 
   Args:
@@ -109,13 +108,15 @@ def launch(script: str, num_processes: int, devices_per_process: int,
     args: its command line; "{process_id}", "{num_processes}" and
       "{coordinator}" are replaced in each process.
     timeout: seconds for the whole job; processes still running then are
-      killed (their returncode is None).
+      killed (SIGKILL; `Outcome.killed` says why).
     grace: once a process has failed, seconds the others get to exit on their
       own before they are killed (None: wait until the timeout).
     kill_on: {process_id: regex}: SIGKILL that process as soon as a line of
       its output matches (a fault injected from outside, mid-run).
     env: extra environment variables for every process.
-    on_start: called with the list of Popen objects once all have started.
+
+  The coordinator's port is free when chosen; another program could take it
+  before process 0 binds it, which fails the launch loudly, not silently.
   """
   if num_processes < 1 or devices_per_process < 1:
     raise ValueError(f"num_processes={num_processes} and devices_per_process="
@@ -133,7 +134,7 @@ def launch(script: str, num_processes: int, devices_per_process: int,
       outputs[i].append(line)
       if i in kill_on and i not in killed and kill_on[i].search(line):
         killed[i] = f"on request, at output {line.strip()[:80]!r}"
-        os.killpg(procs[i].pid, signal.SIGKILL)
+        _kill(procs[i])
     stream.close()
 
   for i in range(num_processes):
@@ -151,8 +152,6 @@ def launch(script: str, num_processes: int, devices_per_process: int,
     readers.append(threading.Thread(target=pump, args=(i, procs[i].stdout),
                                     daemon=True))
     readers[-1].start()
-  if on_start is not None:
-    on_start(procs)
   deadline, why = start + timeout, f"timeout of {timeout:g} s"
   try:
     while any(e is None for e in ended):
@@ -171,7 +170,7 @@ def launch(script: str, num_processes: int, devices_per_process: int,
     for i, p in enumerate(procs):
       if p.poll() is None:
         killed[i] = why
-        os.killpg(p.pid, signal.SIGKILL)
+        _kill(p)
         p.wait()
         ended[i] = time.monotonic() - start
     for t in readers:
@@ -187,6 +186,13 @@ def launch(script: str, num_processes: int, devices_per_process: int,
         output="".join(outputs[i]), result=result, killed=killed.get(i)))
   tmp.cleanup()
   return outcomes
+
+
+def _kill(proc: subprocess.Popen) -> None:
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except ProcessLookupError:  # it exited meanwhile
+    pass
 
 
 def check(outcomes: Sequence[Outcome], results: bool = True) -> list:

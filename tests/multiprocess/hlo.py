@@ -98,8 +98,10 @@ def replica_groups(line: str, num_devices: int) -> tuple[tuple[int, ...], ...]:
     m = re.search(r"source_target_pairs=\{(.*?\})\}", line)
     return tuple((int(a), int(b))
                  for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1)))
-  m = re.search(r"replica_groups=(\{\{.*?\}\}|\{\}|\[[\d,]+\]<=\[[\d,]+\]"
-                r"(?:T\([\d,]+\))?|mesh\[[^\]]*\](?:,\s*device_ids=\([^{]*\))?\s*\{[^}]*\})", line)
+  m = re.search(r"replica_groups=(\{\{.*?\}\}|\{\}"
+                r"|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?"
+                r"|mesh\[[^\]]*\](?:,\s*device_ids=\([^{]*\))?\s*\{[^}]*\})",
+                line)
   if m is None:
     raise ValueError(f"no replica_groups in HLO line: {line.strip()}")
   text = m.group(1)
@@ -129,7 +131,8 @@ def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
 
 def traffic(ops: Sequence[Collective],
             device_process: Sequence[int]) -> dict[str, int]:
-  """Bytes one device sends, in all and to other processes (max over devices)."""
+  """Bytes a device sends, in all and to other processes (the most of any
+  device)."""
   n = len(device_process)
   sent, cross = np.zeros(n), np.zeros(n)
   for op in ops:
