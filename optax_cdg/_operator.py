@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -66,14 +67,16 @@ def _reweighted_lam(smoothing, dtype):
   return jnp.where(jnp.isfinite(lam) & (lam > 0), lam, jnp.nan)
 
 
-class _FiberOp(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class _FiberOp:
   """`A^{-1}` on every fiber along `axes`, given its constant operands.
 
   The operands (the gains, the matrix `K`, the blocked factors or `lam`) are
   arrays, so that the sharded application can pass them to every device.
   Hashable by value: it is a static argument of the sharded application, and
   an identity-hashed closure could be confused with a dead one whose id was
-  reused.
+  reused. A frozen dataclass rather than a NamedTuple: jax < 0.9.2 takes a
+  weak reference to every callable parameter, which no tuple allows.
   """
 
   method: str  # "fft", "matmul", "blocked" or "closed"
@@ -84,7 +87,7 @@ class _FiberOp(NamedTuple):
 
   def shifted(self, k: int) -> "_FiberOp":
     """The same operator on an array with `k` more leading (batch) axes."""
-    return self._replace(axes=tuple(a + k for a in self.axes))
+    return dataclasses.replace(self, axes=tuple(a + k for a in self.axes))
 
   def __call__(self, grad: jax.Array, *operands: jax.Array) -> jax.Array:
     x = grad.astype(self.dtype)
