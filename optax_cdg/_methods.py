@@ -34,6 +34,7 @@ method is applied.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -383,14 +384,17 @@ def _dot(a, b):
   return jnp.dot(a, b, precision=_HIGHEST)
 
 
-class Operator(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Operator:
   """`A^{-1}` on every fiber along `axes`: what a solver needs to know.
 
   Its constant operands (gains, the matrix `K`, the blocked factors or `lam`)
   are passed separately as arrays, so that the sharded application can hand
   them to every device. Hashable by value: it is a static argument of the
   sharded application, and an identity-hashed closure could be confused with
-  a dead one whose id was reused.
+  a dead one whose id was reused. A frozen dataclass rather than a NamedTuple:
+  jax < 0.9.2 takes a weak reference to every callable parameter, which no
+  tuple allows.
   """
 
   method: str  # a key of SOLVERS
@@ -404,7 +408,7 @@ class Operator(NamedTuple):
 
   def shifted(self, k: int) -> "Operator":
     """The same operator on an array with `k` more leading (batch) axes."""
-    return self._replace(axes=tuple(a + k for a in self.axes))
+    return dataclasses.replace(self, axes=tuple(a + k for a in self.axes))
 
   def operands(self, lam: float | jax.Array, ndim: int) -> tuple[Any, ...]:
     """The constant operands for an array of `ndim` dimensions."""
@@ -459,7 +463,7 @@ def _matmul_apply(op: Operator, x, k):
   first, last = axes[0], axes[-1]
   if axes != tuple(range(first, last + 1)):
     dest = tuple(range(x.ndim - len(axes), x.ndim))
-    inner = op._replace(axes=dest)
+    inner = dataclasses.replace(op, axes=dest)
     return jnp.moveaxis(_matmul_apply(inner, jnp.moveaxis(x, axes, dest), k),
                         dest, axes)
   shape = x.shape
@@ -504,7 +508,7 @@ def _blocked_apply(op: Operator, x, diag, basis, mix):
   """`y_p = x_p B + (sum_q (x_q U) S_qp) U^T` along the one axis."""
   (axis,) = op.axes
   if axis != x.ndim - 1:
-    last = op._replace(axes=(x.ndim - 1,))
+    last = dataclasses.replace(op, axes=(x.ndim - 1,))
     return jnp.moveaxis(_blocked_apply(last, jnp.moveaxis(x, axis, -1), diag,
                                        basis, mix), -1, axis)
   n, b = x.shape[-1], diag.shape[0]

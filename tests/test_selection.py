@@ -12,7 +12,7 @@ import pytest
 import optax_cdg
 from optax_cdg import _selection
 from _models import (LINEN_MIXED_CONVS, LINEN_MIXED_INPUT, LinenCNN,
-                     LinenMixed, NNX_MIXED_CONVS, NNXMixed)
+                     LinenMixed, NNX_MIXED_CONVS, NNXMixed, as_pure)
 
 
 def _selected(spec_tree):
@@ -49,7 +49,7 @@ class HeuristicTest(parameterized.TestCase):
   def test_nnx_states_of_variables_and_pure_states(self):
     model = NNXMixed(nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
-    for tree in (state, nnx.as_pure(state)):
+    for tree in (state, as_pure(state)):
       got = set(_selected(optax_cdg.conv_kernels(tree)))
       assert set(NNX_MIXED_CONVS) <= got
       assert not any("attn" in p for p in got)
@@ -87,7 +87,7 @@ class ExactHelpersTest(parameterized.TestCase):
     state = nnx.state(model, nnx.Param)
     want = {p: optax_cdg.KernelSpec(*v) for p, v in NNX_MIXED_CONVS.items()}
     assert _selected(sel(state)) == want
-    assert _selected(sel(nnx.as_pure(state))) == want
+    assert _selected(sel(as_pure(state))) == want
 
   def test_wrong_tree_is_an_error(self):
     sel = optax_cdg.linen_conv_kernels(LinenCNN(), jnp.ones((1, 8, 8, 1)))

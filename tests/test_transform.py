@@ -15,7 +15,7 @@ import pytest
 
 import optax_cdg
 import _reference
-from _models import (LINEN_MIXED_CONVS, LINEN_MIXED_INPUT, LinenCNN,
+from _models import (LINEN_MIXED_CONVS, LINEN_MIXED_INPUT, LinenCNN, as_pure,
                      LinenMixed, NNX_MIXED_CONVS, NNXMixed, toy_task)
 
 STATIC = ("metric", "direction", "boundary", "scale", "kernels")
@@ -287,9 +287,9 @@ class ComposeTest(parameterized.TestCase):
 
     step(model, opt)
     g = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(before)
-    g = nnx.as_pure(nnx.state(g, nnx.Param))
-    old = nnx.as_pure(nnx.state(before, nnx.Param))
-    new = nnx.as_pure(nnx.state(model, nnx.Param))
+    g = as_pure(nnx.state(g, nnx.Param))
+    old = as_pure(nnx.state(before, nnx.Param))
+    new = as_pure(nnx.state(model, nnx.Param))
     step_taken = jax.tree.map(lambda a, b: a - b, old, new)
     for path, (axis, _) in NNX_MIXED_CONVS.items():
       gk = g[path[0]]["kernel"]
