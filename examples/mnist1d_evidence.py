@@ -19,6 +19,8 @@ into results.json, results.md and plots.
 
 Phases (the full mode runs them in this order, decisive comparisons first):
 
+  reported   the check reported in the issue: width 128, Adam at a
+             constant 3e-3 and 1e-2, 3,000 steps, seed 0, every finalist.
   stability  every method of --candidates at widths 32/64/128, seed 0,
              Adam and SGD-momentum over learning-rate grids that reach low
              enough, 1,000 steps: which learning rates train, per method and
@@ -291,6 +293,9 @@ def _optimizer(name: str, learning_rate, total_steps: int) -> list[Any]:
             optax.scale_by_learning_rate(learning_rate),
             optax.scale_by_schedule(
                 optax.cosine_decay_schedule(1.0, total_steps))]
+  if name == "adam_constant":  # the issue's reported check: no schedule
+    return [optax.scale_by_adam(),
+            optax.scale_by_learning_rate(learning_rate)]
   return reproduce_optimizer(name, learning_rate, total_steps)
 
 
@@ -552,6 +557,13 @@ def plan(quick: bool, candidates: Sequence[str], widths: Sequence[int],
         for m in finalists + [e for e in extra if e not in finalists]:
           jobs.append(Job("stability", Setting("cnn", w, opt, stab_steps), m,
                           STABILITY_LR[opt], (0,)))
+  if "reported" in phases and not quick:
+    # The reported check: the widest CNN, Adam at a constant rate, 3,000
+    # steps (counted with the stability grid).
+    for m in finalists:
+      jobs.append(Job("stability", Setting("cnn", max(widths),
+                                           "adam_constant", steps), m,
+                      (3e-3, 1e-2), (0,)))
   decisive_widths = tuple(widths[:1]) if quick else tuple(widths)
   if "decisive" in phases:
     for w in decisive_widths:
@@ -850,7 +862,7 @@ def markdown(results: dict) -> str:
            "", "## Stability (seed 0; final validation accuracy %; "
            f"a run trains if >= {TRAINS_AT:.0%})", ""]
   stab = results["stability"]
-  for opt in ("adam", "sgd"):
+  for opt in ("adam", "sgd", "adam_constant"):
     rows = [r for r in stab if r["optimizer"] == opt]
     if not rows:
       continue
@@ -1052,7 +1064,8 @@ def report(jobs: Sequence[Job], cache: Cache, out: str, results_dir: str,
 # ----------------------------------------------------------------------- main
 
 
-PHASES = ("mechanism", "stability", "decisive", "sweep", "resnet")
+PHASES = ("mechanism", "stability", "reported", "decisive", "sweep",
+          "resnet")
 
 
 def parse_args(argv=None):

@@ -189,7 +189,10 @@ class ReportTest(absltest.TestCase):
 
 def test_make_data_then_run_from_file(tmp_path):
   """The GPU path at tiny size: arrays made into a .npz, then the decisive
-  phase read from that file, reported and resumed from the cache."""
+  phase read from that file, reported and resumed from the cache. Needs the
+  examples extra (the generator, matplotlib)."""
+  pytest.importorskip("mnist1d")
+  pytest.importorskip("matplotlib")
   npz = str(tmp_path / "arrays.npz")
   m1d.main(["--make-data", npz, "--val-size", "20", "--test-size", "30"])
   arrays = m1d.load_arrays(npz)
