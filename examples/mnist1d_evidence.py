@@ -32,6 +32,8 @@ Phases (the full mode runs them in this order, decisive comparisons first):
              widths 32/64/128 with AdamW and SGD-momentum, every learning
              rate of the grid, 5 paired seeds; the learning rate of each
              method is chosen on validation.
+  edge       the stability grid above the usual rates (Adam 2e-2, 5e-2;
+             SGD 0.3, 1.0): where training breaks, with and without CDG.
   sweep      at width 64: the three metrics over a smoothing sweep along the
              output channels, the input and spatial directions, LSGD.
   resnet     the 1-D ResNet at widths 32/64/128: baseline, default,
@@ -527,7 +529,11 @@ class Job:
 
 STABILITY_LR = {"adam": (1e-3, 2e-3, 5e-3, 1e-2),
                 "sgd": (0.01, 0.03, 0.1)}
-SWEEP_LR = {"adamw": (1e-3, 3e-3, 1e-2), "sgd": (0.01, 0.03, 0.1)}
+# Accuracy grids bracket the best rate seen in the stability grid (its top
+# value at every width, for both optimizers).
+SWEEP_LR = {"adamw": (3e-3, 1e-2, 3e-2), "sgd": (0.03, 0.1, 0.3)}
+# Above the usual rates: where training breaks, with and without CDG.
+EDGE_LR = {"adam": (2e-2, 5e-2), "sgd": (0.3, 1.0)}
 TRAINS_AT = 0.5  # final validation accuracy that counts as "trains"
 
 
@@ -571,6 +577,12 @@ def plan(quick: bool, candidates: Sequence[str], widths: Sequence[int],
         for m in finalists:
           jobs.append(Job("decisive", Setting("cnn", w, opt, steps), m,
                           SWEEP_LR[opt], seeds))
+  if "edge" in phases:
+    for w in stab_widths:
+      for opt in ("adam", "sgd"):
+        for m in finalists:
+          jobs.append(Job("stability", Setting("cnn", w, opt, stab_steps), m,
+                          EDGE_LR[opt], (0,)))
   if "sweep" in phases:
     sweep = [Method("cdg", "sobolev", "unit", lam) for lam in
              (1e-5, 1e-4, 1e-3, 1e-2)]
@@ -725,10 +737,12 @@ def _complete(members: dict, lrs, seeds) -> bool:
 def stability_table(index: dict, jobs: Sequence[Job]) -> list[dict]:
   """Per (width, optimizer, method): final validation accuracy at every
   learning rate of the grid (seed 0) and the rates that train."""
-  rows = []
-  for j in jobs:
-    if j.phase != "stability":
-      continue
+  rows, lrs_of = [], {}
+  for j in jobs:  # the edge phase adds rates to a stability setting
+    if j.phase == "stability":
+      lrs_of.setdefault((j.setting, j.method), set()).update(j.lrs)
+  for (setting, method), lrs in lrs_of.items():
+    j = Job("stability", setting, method, tuple(sorted(lrs)), (0,))
     members = index.get(j.setting.name, {}).get(j.method.spec, {})
     val = {lr: members[(lr, 0)]["val_acc"] if (lr, 0) in members else None
            for lr in j.lrs}
@@ -744,9 +758,15 @@ def stability_table(index: dict, jobs: Sequence[Job]) -> list[dict]:
   return rows
 
 
-def collapses(rows: Sequence[dict]) -> list[dict]:
+# The optimizers' usual rates (no warmup); the default must not collapse a
+# run there. Rates above (the edge phase) are reported, not ruled on.
+USUAL_LR = {"adam": (1e-3, 1e-2), "adam_constant": (1e-3, 1e-2),
+            "adamw": (1e-3, 1e-2), "sgd": (0.01, 0.1)}
+
+
+def collapses(rows: Sequence[dict], usual_only: bool = False) -> list[dict]:
   """The (width, optimizer, lr, method) where the baseline trains and the
-  method does not."""
+  method does not (with `usual_only`, at the usual rates only)."""
   base = {(r["width"], r["optimizer"]): r for r in rows
           if r["method"] == "baseline"}
   out = []
@@ -754,7 +774,10 @@ def collapses(rows: Sequence[dict]) -> list[dict]:
     b = base.get((r["width"], r["optimizer"]))
     if b is None or r["method"] == "baseline":
       continue
+    lo, hi = USUAL_LR.get(r["optimizer"], (0.0, math.inf))
     for lr, v in r["val_acc_by_lr"].items():
+      if usual_only and not lo <= float(lr) <= hi:
+        continue
       bv = b["val_acc_by_lr"].get(lr)
       if v is not None and bv is not None and bv >= TRAINS_AT > v:
         out.append({"width": r["width"], "optimizer": r["optimizer"],
@@ -814,12 +837,12 @@ def apply_rule(stab_rows, tables, candidates: Sequence[Method]) -> dict:
   """The default-selection rule of docs/evidence.md (validation only).
 
   1. A candidate that collapses a run that trains without it (stability
-     grid, any width, Adam or SGD) is out.
+     grid at the usual rates, any width, Adam or SGD) is out.
   2. A candidate whose paired validation delta has its 95 % interval below
      0 in any decisive cell (width x optimizer) does measurable harm: out.
   3. Of the rest, the highest mean paired validation delta over the cells.
   """
-  coll = collapses(stab_rows)
+  coll = collapses(stab_rows, usual_only=True)
   cells = [t for t in tables if t["phase"] == "decisive"]
   verdict = {}
   for c in candidates:
@@ -1064,7 +1087,7 @@ def report(jobs: Sequence[Job], cache: Cache, out: str, results_dir: str,
 # ----------------------------------------------------------------------- main
 
 
-PHASES = ("mechanism", "stability", "reported", "decisive", "sweep",
+PHASES = ("mechanism", "stability", "reported", "decisive", "edge", "sweep",
           "resnet")
 
 

@@ -172,16 +172,24 @@ class ReportTest(absltest.TestCase):
                                [-0.03, -0.04, -0.05], atol=1e-12)
     stab = [{"width": 32, "optimizer": "adam", "steps": 10,
              "method": spec, "complete": True,
-             "val_acc_by_lr": {"0.01": v}}
-            for spec, v in (("baseline", 0.9), ("sobolev:grid:0.1", 0.9),
-                            ("reweighted:unit:1.5", 0.9),
-                            ("sobolev:grid:0.5", 0.1))]
-    self.assertEqual([c["method"] for c in m1d.collapses(stab)],
-                     ["sobolev:grid:0.5"])
+             "val_acc_by_lr": {"0.01": v, "0.05": v_high}}
+            for spec, v, v_high in (
+                ("baseline", 0.9, 0.9), ("sobolev:grid:0.1", 0.9, 0.9),
+                ("reweighted:unit:1.5", 0.9, 0.1),
+                ("sobolev:grid:0.5", 0.1, 0.1))]
+    self.assertEqual([(c["method"], c["learning_rate"])
+                      for c in m1d.collapses(stab)],
+                     [("reweighted:unit:1.5", 0.05),
+                      ("sobolev:grid:0.5", 0.01), ("sobolev:grid:0.5", 0.05)])
+    # Above the usual rates (Adam 0.05) a collapse is reported, not ruled on.
+    self.assertEqual([(c["method"], c["learning_rate"])
+                      for c in m1d.collapses(stab, usual_only=True)],
+                     [("sobolev:grid:0.5", 0.01)])
     rule = m1d.apply_rule(stab, [t], methods[1:])
     v = rule["candidates"]
     self.assertEqual(v["sobolev:grid:0.1"]["harm_cells"], [s.name])
     self.assertEqual(len(v["sobolev:grid:0.5"]["collapses"]), 1)
+    self.assertEqual(v["reweighted:unit:1.5"]["collapses"], [])
     self.assertEqual(rule["eligible"], ["reweighted:unit:1.5"])
     self.assertEqual(rule["chosen"], "reweighted:unit:1.5")
     self.assertTrue(rule["partial"])  # grid:0.5 has no decisive cell
