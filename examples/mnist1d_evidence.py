@@ -608,8 +608,10 @@ def plan(quick: bool, candidates: Sequence[str], widths: Sequence[int],
     for w in (tuple(widths[:1]) if quick else tuple(widths)):
       for opt in ("adamw",) if quick else ("adamw", "sgd"):
         for m in finalists if not quick else [base, default]:
-          jobs.append(Job("resnet", Setting("resnet", w, opt, steps), m,
-                          SWEEP_LR[opt], seeds))
+          # The ResNet costs about 5x the CNN per step: shorter in quick.
+          jobs.append(Job("resnet", Setting("resnet", w, opt,
+                                            stab_steps if quick else steps),
+                          m, SWEEP_LR[opt], seeds))
   # The same (setting, method) may be planned by two phases: run it once.
   seen, out = set(), []
   for j in jobs:
