@@ -879,6 +879,14 @@ def _fmt(mean, ci, signed=False, scale=100.0):
   return s + ("" if ci is None else f" ± {ci * scale:.2f}")
 
 
+def _trains(row: dict) -> str:
+  """The rates that train; "pending" where no run has finished."""
+  if all(v is None for v in row["val_acc_by_lr"].values()):
+    return "pending"
+  done = ", ".join(f"{x:g}" for x in row["trains"]) or "none"
+  return done if row["complete"] else done + " (so far)"
+
+
 def markdown(results: dict) -> str:
   lines = [f"# MNIST-1D: {results['status']}", "",
            f"Runs finished: {results['runs_finished']} of "
@@ -891,19 +899,19 @@ def markdown(results: dict) -> str:
     rows = [r for r in stab if r["optimizer"] == opt]
     if not rows:
       continue
-    lrs = list(rows[0]["val_acc_by_lr"])
+    # Every rate any row was run at; a rate not planned for a row is blank.
+    lrs = sorted({lr for r in rows for lr in r["val_acc_by_lr"]}, key=float)
     lines += [f"{opt}, {rows[0]['steps']} steps:", "",
               "| width | method | top gain | " +
               " | ".join(f"lr {lr}" for lr in lrs) + " | trains at |",
               "|---|---|---|" + "---|" * len(lrs) + "---|"]
     for r in rows:
-      cells = ["—" if v is None else f"{100 * v:.1f}"
-               for v in r["val_acc_by_lr"].values()]
+      v_by = r["val_acc_by_lr"]
+      cells = ["" if lr not in v_by else "—" if v_by[lr] is None
+               else f"{100 * v_by[lr]:.1f}" for lr in lrs]
       tg = "" if r["top_gain"] is None else f"{r['top_gain']:.2f}"
       lines.append(f"| {r['width']} | {r['method']} | {tg} | "
-                   + " | ".join(cells) + " | "
-                   + (", ".join(f"{x:g}" for x in r["trains"]) or "none")
-                   + " |")
+                   + " | ".join(cells) + " | " + _trains(r) + " |")
     lines.append("")
   if results["collapses"]:
     lines += ["Collapses (the baseline trains, the method does not):", ""]
@@ -995,7 +1003,8 @@ def plot_width(results: dict, path: str, candidates: Sequence[str]) -> None:
     ax.set_xlabel("channels per layer")
     ax.set_ylabel("paired test delta vs baseline (points, 95% CI)")
     ax.set_title(f"MNIST-1D CNN, {opt}")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
