@@ -969,7 +969,9 @@ def plot_width(results: dict, path: str, candidates: Sequence[str]) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   tables = [t for t in results["tables"] if t["phase"] == "decisive"]
-  opts = sorted({t["setting"]["optimizer"] for t in tables})
+  opts = sorted({t["setting"]["optimizer"] for t in tables
+                 if any(r["delta_mean"] is not None for r in t["rows"])})
+  widths = sorted({t["setting"]["width"] for t in tables})
   fig, axes = plt.subplots(1, max(1, len(opts)), squeeze=False,
                            figsize=(5 * max(1, len(opts)), 3.6))
   for ax, opt in zip(axes[0], opts):
@@ -1000,6 +1002,9 @@ def plot_width(results: dict, path: str, candidates: Sequence[str]) -> None:
                         textcoords="offset points")
     ax.axhline(0, color="k", lw=1)
     ax.set_xscale("log", base=2)
+    ax.set_xlim(min(widths) / 1.4, max(widths) * 1.4)
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.minorticks_off()
     ax.set_xlabel("channels per layer")
     ax.set_ylabel("paired test delta vs baseline (points, 95% CI)")
     ax.set_title(f"MNIST-1D CNN, {opt}")
