@@ -1,0 +1,234 @@
+"""Tests of examples/mnist1d_evidence.py at tiny sizes."""
+
+import json
+import os
+import sys
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "examples"))
+
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import mnist1d_evidence as m1d  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _data(n=120, seed=0):
+  """A learnable toy task: one random template per class, plus noise."""
+  rng = np.random.default_rng(seed)
+  templates = rng.normal(size=(10, 40, 1))
+
+  def split(k):
+    y = rng.integers(0, 10, k).astype(np.int32)
+    x = templates[y] + 0.3 * rng.normal(size=(k, 40, 1))
+    return common.Split(x.astype(np.float32), y)
+
+  return {"train": split(n), "val": split(50), "test": split(60)}
+
+
+class MethodTest(parameterized.TestCase):
+
+  @parameterized.parameters("baseline", "lsgd:0.5", "sobolev:unit:0.0001",
+                            "sobolev:grid:0.1", "reweighted:unit:1.5",
+                            "sobolev:unit:0.001:spatial")
+  def test_spec_round_trip(self, spec):
+    self.assertEqual(m1d.Method.parse(spec).spec, spec)
+
+  @parameterized.parameters("sobolev", "sobolev:pixel:1", "lsgd", "x:unit:a")
+  def test_bad_spec(self, spec):
+    with self.assertRaisesRegex(ValueError, "method spec"):
+      m1d.Method.parse(spec)
+
+  def test_top_gain(self):
+    # unit scale: 1 / (1 + 4 lam N^2); grid: 1 / (1 + 4 lam).
+    self.assertAlmostEqual(m1d.CURRENT_DEFAULT.top_gain(128),
+                           1 / (1 + 4e-4 * 128 ** 2), places=5)
+    grid = m1d.Method.parse("sobolev:grid:0.5")
+    for n in (32, 512):
+      self.assertAlmostEqual(grid.top_gain(n), 1 / 3, places=5)
+    self.assertIsNone(m1d.Method("baseline").top_gain(32))
+
+
+class ModelTest(absltest.TestCase):
+
+  def test_conv1d_equals_lax_conv(self):
+    x = jax.random.normal(jax.random.key(0), (3, 40, 2))
+    conv = m1d.Conv1D(5, size=5, stride=2)
+    params = conv.init(jax.random.key(1), x)["params"]
+    params["bias"] = jnp.arange(5.0)
+    got = conv.apply({"params": params}, x)
+    want = jax.lax.conv_general_dilated(
+        x, params["kernel"], (2,), ((2, 2),),
+        dimension_numbers=("NWC", "WIO", "NWC")) + params["bias"]
+    self.assertEqual(got.shape, (3, 20, 5))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  def test_models_and_kernel_selection(self):
+    import optax_cdg  # pylint: disable=g-import-not-at-top
+    x = jnp.zeros((2, 40, 1))
+    for name, n_conv in (("cnn", 3), ("resnet", 7)):
+      model = m1d.make_model(name, 8)
+      params = model.init(jax.random.key(0), x)["params"]
+      self.assertEqual(model.apply({"params": params}, x).shape, (2, 10))
+      sel = jax.tree.leaves(optax_cdg.conv_kernels(params))
+      self.assertEqual(sum(bool(s) for s in sel), n_conv)
+    with self.assertRaisesRegex(ValueError, "model='mlp'"):
+      m1d.make_model("mlp", 8)
+
+
+class TrainingTest(absltest.TestCase):
+
+  def test_batch_indices_are_epochs_of_permutations(self):
+    idx = m1d.batch_indices(30, 10, 7, seed=3)
+    self.assertEqual(idx.shape, (7, 10))
+    for e in range(2):  # each full epoch visits every example once
+      np.testing.assert_array_equal(np.sort(idx[3 * e:3 * e + 3].ravel()),
+                                    np.arange(30))
+    np.testing.assert_array_equal(idx, m1d.batch_indices(30, 10, 7, seed=3))
+    self.assertFalse(np.array_equal(idx, m1d.batch_indices(30, 10, 7, 4)))
+
+  def test_vmapped_member_equals_a_single_run(self):
+    data = _data()
+    setting = m1d.Setting("cnn", 4, "adamw", 12, batch_size=20)
+    model = m1d.make_model("cnn", 4)
+    method = m1d.CURRENT_DEFAULT
+    together = m1d.train_members(model, method, setting, data,
+                                 [(0.01, 0), (0.003, 1)], evals=3)
+    alone = m1d.train_members(model, method, setting, data, [(0.003, 1)],
+                              evals=3)
+    a, b = together[1], alone[0]
+    np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(a["val_curve"], b["val_curve"], atol=1e-6)
+    self.assertEqual(a["test_acc"], b["test_acc"])
+    # The two members differ (another lr and seed), and the loss fell.
+    self.assertNotEqual(together[0]["train_loss"], a["train_loss"])
+    fast = together[0]["train_loss"]
+    self.assertLess(np.mean(fast[-3:]), np.mean(fast[:3]))
+    self.assertEqual(a["eval_steps"], [4, 8, 12])
+
+
+def _rec(method, setting, lr, seed, val, test):
+  return {"method": method, "setting": setting, "learning_rate": lr,
+          "seed": seed, "val_acc": val, "test_acc": test,
+          "val_curve": [val], "seconds": 1.0}
+
+
+class ReportTest(absltest.TestCase):
+
+  def test_mde80(self):
+    from scipy import stats  # pylint: disable=g-import-not-at-top
+    want = (stats.t.ppf(0.975, 4) + stats.t.ppf(0.8, 4)) * 0.01 / np.sqrt(5)
+    self.assertAlmostEqual(m1d.mde80(0.01, 5), want)
+    self.assertIsNone(m1d.mde80(0.01, 1))
+
+  def test_cache_round_trip(self):
+    with tempfile.TemporaryDirectory() as out:
+      cache = m1d.Cache(out)
+      s = m1d.Setting("cnn", 32, "sgd", 100)
+      m = m1d.Method.parse("sobolev:grid:0.1")
+      self.assertIsNone(cache.load(s, m, 0.01, 0))
+      rec = _rec(m.spec, s.name, 0.01, 0, 0.5, 0.25)
+      cache.save(s, m, rec)
+      self.assertEqual(cache.load(s, m, 0.01, 0), rec)
+      self.assertIsNone(cache.load(s, m, 0.03, 0))
+      self.assertIsNone(cache.load(m1d.Setting("cnn", 64, "sgd", 100), m,
+                                   0.01, 0))
+      self.assertEqual(cache.all_records(), [rec])
+
+  def test_table_pairs_at_chosen_lr_and_rule(self):
+    s = m1d.Setting("cnn", 32, "sgd", 100)
+    lrs, seeds = (0.01, 0.1), (0, 1, 2)
+    recs = []
+    for seed in seeds:
+      # Baseline: best on validation at 0.1.
+      recs.append(_rec("baseline", s.name, 0.01, seed, 0.80, 0.99))
+      recs.append(_rec("baseline", s.name, 0.1, seed, 0.90, 0.90 + seed / 100))
+      # A: harmful on validation (-3, -4, -5 points) at its chosen lr 0.01.
+      recs.append(_rec("sobolev:grid:0.1", s.name, 0.01, seed,
+                       0.87 - seed / 100, 0.91 + seed / 100))
+      recs.append(_rec("sobolev:grid:0.1", s.name, 0.1, seed, 0.5, 0.5))
+      # B: +1 point on validation, noisy.
+      recs.append(_rec("reweighted:unit:1.5", s.name, 0.1, seed,
+                       0.91 + (seed - 1) / 50, 0.90))
+      recs.append(_rec("reweighted:unit:1.5", s.name, 0.01, seed, 0.1, 0.1))
+    methods = [m1d.Method.parse(x) for x in
+               ("baseline", "sobolev:grid:0.1", "reweighted:unit:1.5",
+                "sobolev:grid:0.5")]
+    t = m1d.comparison_table(m1d._index(recs), s, methods, lrs, seeds)
+    t["phase"] = "decisive"
+    self.assertEqual(t["pending"], ["sobolev:grid:0.5"])
+    rows = {r["method"]: r for r in t["rows"]}
+    self.assertEqual(rows["baseline"]["learning_rate"], 0.1)
+    a = rows["sobolev:grid:0.1"]
+    self.assertEqual(a["learning_rate"], 0.01)
+    np.testing.assert_allclose(a["delta_per_seed"], [0.01] * 3, atol=1e-12)
+    np.testing.assert_allclose(a["val_delta_per_seed"],
+                               [-0.03, -0.04, -0.05], atol=1e-12)
+    stab = [{"width": 32, "optimizer": "adam", "steps": 10,
+             "method": spec, "complete": True,
+             "val_acc_by_lr": {"0.01": v, "0.05": v_high}}
+            for spec, v, v_high in (
+                ("baseline", 0.9, 0.9), ("sobolev:grid:0.1", 0.9, 0.9),
+                ("reweighted:unit:1.5", 0.9, 0.1),
+                ("sobolev:grid:0.5", 0.1, 0.1))]
+    self.assertEqual([(c["method"], c["learning_rate"])
+                      for c in m1d.collapses(stab)],
+                     [("reweighted:unit:1.5", 0.05),
+                      ("sobolev:grid:0.5", 0.01), ("sobolev:grid:0.5", 0.05)])
+    # Above the usual rates (Adam 0.05) a collapse is reported, not ruled on.
+    self.assertEqual([(c["method"], c["learning_rate"])
+                      for c in m1d.collapses(stab, usual_only=True)],
+                     [("sobolev:grid:0.5", 0.01)])
+    rule = m1d.apply_rule(stab, [t], methods[1:])
+    v = rule["candidates"]
+    self.assertEqual(v["sobolev:grid:0.1"]["harm_cells"], [s.name])
+    self.assertEqual(len(v["sobolev:grid:0.5"]["collapses"]), 1)
+    self.assertEqual(v["reweighted:unit:1.5"]["collapses"], [])
+    self.assertEqual(rule["eligible"], ["reweighted:unit:1.5"])
+    self.assertEqual(rule["chosen"], "reweighted:unit:1.5")
+    self.assertTrue(rule["partial"])  # grid:0.5 has no decisive cell
+
+
+def test_make_data_then_run_from_file(tmp_path):
+  """The GPU path at tiny size: arrays made into a .npz, then the decisive
+  phase read from that file, reported and resumed from the cache. Needs the
+  examples extra (the generator, matplotlib)."""
+  pytest.importorskip("mnist1d")
+  pytest.importorskip("matplotlib")
+  npz = str(tmp_path / "arrays.npz")
+  m1d.main(["--make-data", npz, "--val-size", "20", "--test-size", "30"])
+  arrays = m1d.load_arrays(npz)
+  assert arrays["x_train"].shape == (4000, 40)
+  assert arrays["x_val"].shape == (20, 40)
+  assert arrays["x_test"].shape == (30, 40)
+  assert set(np.unique(arrays["y_test"])) == set(range(10))
+  out = str(tmp_path / "out")
+  argv = ["--data", npz, "--out", out, "--phases", "decisive", "--widths",
+          "4", "--optimizers", "adamw", "--steps", "4", "--seeds", "2",
+          "--candidates", "sobolev:grid:0.1", "--val-size", "20",
+          "--test-size", "30"]
+  results = m1d.main(argv)
+  assert results["status"] == "complete"
+  assert results["runs_finished"] == 3 * 3 * 2
+  (table,) = results["tables"]
+  assert table["setting"]["width"] == 4
+  assert {r["method"] for r in table["rows"]} == {
+      "baseline", m1d.CURRENT_DEFAULT.spec, "sobolev:grid:0.1"}
+  with open(os.path.join(out, "results.json")) as f:
+    assert json.load(f)["runs_finished"] == 18
+  assert os.path.getsize(os.path.join(out, "delta_vs_width.png")) > 0
+  again = m1d.main(argv + ["--report-only"])
+  assert again["tables"] == json.loads(json.dumps(results["tables"]))
+  with pytest.raises(ValueError, match="holds 20 validation"):
+    m1d.load_mnist1d(npz, val=40, test=30)
+  np.savez(str(tmp_path / "bad.npz"), x_train=np.zeros(2))
+  with pytest.raises(ValueError, match="lacks"):
+    m1d.load_arrays(str(tmp_path / "bad.npz"))
+  with pytest.raises(ValueError, match="multiple of 10"):
+    m1d.make_mnist1d(val=15)
