@@ -329,7 +329,7 @@ def linen_conv_kernels(module: Any, *example_args: Any,
   Args:
     module: a linen module.
     *example_args: example inputs for `module.init` (arrays or
-      `jax.ShapeDtypeStruct`s).
+      `jax.ShapeDtypeStruct` values).
     **example_kwargs: static keyword arguments for `module.init` (for example
       `train=False`).
 
