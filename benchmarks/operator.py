@@ -18,7 +18,11 @@ Sections (all by default, or pick with --sections):
            call's compile time; XLA's temporary memory for the update.
 - batched: whether stacking all kernels that share N into one call helps.
 - compile: compile time of the update for ResNet-50's tree, with cold
-           caches, against compiling `optax.scale` for it.
+           caches, against compiling `optax.scale` for it, the three
+           compiles taking turns; and the number of distinct dot shapes in
+           each program (XLA autotunes each one on a GPU).
+- lsgd:    `laplacian_smoothing()` (LSGD, every leaf flattened) on the conv
+           kernels of ResNet-18 against `optax.scale`, "auto" and "fft".
 - step:    a full training step of a CIFAR-style ResNet-18 (32x32, batch 32
            and 128), SGD with momentum, with and without CDG.
 
@@ -26,6 +30,7 @@ Usage:
   python benchmarks/operator.py --quick      # a few minutes on 2 CPU cores
   python benchmarks/operator.py              # everything
   python benchmarks/operator.py --sections tree step --reps 31
+  python benchmarks/operator.py --sections sweep --sweep-sizes 4096 16384
 Runs unchanged on CPU, GPU and TPU; it prints the device.
 """
 
@@ -53,8 +58,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 ".."))
 import optax_cdg  # pylint: disable=g-import-not-at-top,wrong-import-position
 from optax_cdg import _methods  # pylint: disable=g-import-not-at-top
+from optax_cdg import _operator  # pylint: disable=g-import-not-at-top
 
-SECTIONS = ("sweep", "tree", "batched", "compile", "step")
+SECTIONS = ("sweep", "tree", "batched", "compile", "lsgd", "step")
 LAM = {"sobolev": optax_cdg.DEFAULT_SMOOTHING,
        "sobolev_mean": 0.025, "reweighted": 4.0}
 
@@ -209,6 +215,7 @@ def section_sweep(args) -> None:
   quick = args.quick
   sizes = (64, 128, 256, 512) if quick else (16, 32, 64, 128, 256, 512,
                                              1024, 2048)
+  sizes = tuple(args.sweep_sizes or sizes)
   cases = ([("sobolev", "periodic")] if quick else
            [("sobolev", "periodic"), ("sobolev", "neumann"),
             ("sobolev_mean", "periodic"), ("sobolev_mean", "neumann")])
@@ -253,16 +260,9 @@ def section_sweep(args) -> None:
 
 
 def _sweep_op(x, *, lam, metric, boundary, method, block):
-  if method != "blocked":
-    return optax_cdg.metric_gradient(x, lam, metric=metric, boundary=boundary,
-                                     method=method)
-  saved = _methods.BLOCK_SIZES
-  _methods.BLOCK_SIZES = ((block,), (block,))
-  try:
-    return optax_cdg.metric_gradient(x, lam, metric=metric,
-                                     boundary=boundary, method="blocked")
-  finally:
-    _methods.BLOCK_SIZES = saved
+  # The chunk size is an argument of the private entry point (None: the rule).
+  return _operator.apply(x, lam, metric=metric, axes=-1, boundary=boundary,
+                         scale="unit", method=method, block=block)
 
 
 def section_tree(args) -> None:
@@ -348,24 +348,64 @@ def section_batched(args) -> None:
   print(table(rows, ["net", "per kernel / scale", "per N / scale"]))
 
 
+def dot_shapes(fn: Callable, *args) -> int:
+  """Distinct (operand shapes, dtypes) of the dots in `fn`'s lowered program."""
+  text = jax.jit(fn).lower(*args).as_text()
+  shapes = set()
+  for line in text.splitlines():
+    if "stablehlo.dot_general" in line:
+      shapes.add(line.rsplit(":", 1)[-1].strip())
+  return len(shapes)
+
+
 def section_compile(args) -> None:
-  print("\n## compile: ResNet-50 tree, cold caches")
+  print("\n## compile: ResNet-50 tree, cold caches, the compiles in turn")
   tree = jax.eval_shape(lambda: kernel_tree(resnet50()))
-  results = []
-  for r in range(1 if args.quick else 3):
-    for fn in (_methods.dense_operator, _methods.blocked_factors,
-               _methods.eigenbasis):
-      fn.cache_clear()
-    jax.clear_caches()
-    scale_s, _ = compile_seconds(floor_update, tree)
-    cdg_s, _ = compile_seconds(cdg_update(), tree)
-    fft_s, _ = compile_seconds(cdg_update("fft"), tree)
-    results.append((scale_s, cdg_s, fft_s))
-    print(f"  run {r}: scale {scale_s:.2f}s, cdg auto {cdg_s:.2f}s, "
-          f"cdg fft {fft_s:.2f}s", flush=True)
-  s, c, f = (min(v) for v in zip(*results))
-  print(f"best of {len(results)}: cdg (auto) adds {c - s:.2f}s over "
-        f"optax.scale ({c:.2f}s vs {s:.2f}s); fft adds {f - s:.2f}s")
+  fns = {"scale": floor_update, "auto": cdg_update(), "fft":
+         cdg_update("fft")}
+  secs = {k: [] for k in fns}
+  cpu = {k: [] for k in fns}
+  names = list(fns)
+  for r in range(args.compile_reps):
+    for name in names[r % 3:] + names[:r % 3]:
+      for fn in (_methods.dense_operator, _methods.blocked_factors,
+                 _methods.eigenbasis):
+        fn.cache_clear()
+      jax.clear_caches()
+      c = time.process_time()
+      secs[name].append(compile_seconds(fns[name], tree)[0])
+      cpu[name].append(time.process_time() - c)
+    print(f"  rep {r}: " + ", ".join(f"{k} {v[-1]:.2f}s"
+                                     for k, v in secs.items()), flush=True)
+  dots = {k: dot_shapes(f, tree) for k, f in fns.items()}
+  rows = []
+  for name in names:
+    rows.append([name, f"{med(secs[name]):.2f}", f"{min(secs[name]):.2f}",
+                 f"{med(secs[name]) - med(secs['scale']):+.2f}",
+                 f"{med(cpu[name]) - med(cpu['scale']):+.2f}", dots[name]])
+  print(table(rows, ["update", "median s", "min s", "median - scale s",
+                     "cpu - scale s", "distinct dot shapes"]))
+
+
+def section_lsgd(args) -> None:
+  print("\n## lsgd: laplacian_smoothing on ResNet-18's conv kernels")
+  tree = kernel_tree(resnet18())
+  fns, compile_s = {"scale": jax.jit(floor_update)}, {}
+  for method in ("auto", "fft"):
+    tx = optax_cdg.laplacian_smoothing(method=method)
+    f = lambda t, tx=tx: tx.update(t, tx.init(t))[0]
+    compile_s[f"lsgd/{method}"] = compile_seconds(f, tree)[0]
+    fns[f"lsgd/{method}"] = jax.jit(f)
+  compile_s["scale"] = compile_seconds(floor_update, tree)[0]
+  times = interleaved({k: functools.partial(f, tree)
+                       for k, f in fns.items()}, args.reps)
+  base, cpu = med(times["scale"]), med(CPU_TIMES["scale"])
+  rows = [[name, f"{med(v) * 1e3:.2f}", f"{med(v) / base:.2f}",
+           f"{min(v) / min(times['scale']):.2f}",
+           f"{med(CPU_TIMES[name]) / cpu:.2f}", f"{spread(v):.2f}",
+           f"{compile_s[name]:.2f}"] for name, v in times.items()]
+  print(table(rows, ["update", "median ms", "/ scale", "min / min",
+                     "cpu / cpu", "IQR/med", "compile s"]))
 
 
 class _Block(nn.Module):
@@ -476,9 +516,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                       default=list(SECTIONS))
   parser.add_argument("--reps", type=int, default=None,
                       help="interleaved repetitions (default 21, quick 11)")
+  parser.add_argument("--sweep-sizes", type=int, nargs="+", default=None,
+                      help="axis lengths of the sweep (default 16 .. 2048)")
+  parser.add_argument("--compile-reps", type=int, default=None,
+                      help="cold compiles of each update (default 3, quick 1)")
   args = parser.parse_args(argv)
   if args.reps is None:
     args.reps = 11 if args.quick else 21
+  if args.compile_reps is None:
+    args.compile_reps = 1 if args.quick else 3
   print(describe_device())
   print(f"date: {time.strftime('%Y-%m-%d %H:%M')}; command: "
         f"python benchmarks/operator.py {' '.join(sys.argv[1:])}")

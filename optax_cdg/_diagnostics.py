@@ -7,10 +7,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_cdg import _gains
+from optax_cdg import _checks
 from optax_cdg import _operator
 from optax_cdg import _selection
-from optax_cdg import _transform
 
 
 class _Spectrum:
@@ -86,18 +85,35 @@ def channel_spectrum(
     A tree of the structure of `tree` with, at each selected kernel, a 1-D
     array of `N // 2 + 1` (periodic) or `N` (Neumann) energies, in float32
     (float64 for float64 kernels), and None at every other leaf.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_cdg
+    >>> # 8 output channels alternating +1, -1: all energy at frequency 4.
+    >>> w = jnp.ones((3, 3, 2, 8)) * (-1.0) ** jnp.arange(8)
+    >>> tree = {"conv": {"kernel": w, "bias": jnp.zeros(8)}}
+    >>> spectrum = optax_cdg.channel_spectrum(tree, normalize=True)
+    >>> spectrum["conv"]["kernel"].round(6).tolist(), spectrum["conv"]["bias"]
+    ([0.0, 0.0, 0.0, 0.0, 1.0], None)
+    >>> # CDG multiplies each E_k by gain_k ** 2:
+    >>> smoothed = optax_cdg.metric_gradient(w, 1e-2)
+    >>> ratio = (optax_cdg.channel_spectrum(smoothed, True)[4]
+    ...          / optax_cdg.channel_spectrum(w, True)[4])
+    >>> round(float(ratio), 4), round(float(
+    ...     optax_cdg.spectral_gain(8, 1e-2)[4] ** 2), 4)
+    (0.0789, 0.0789)
   """
-  _gains.check_choice("boundary", boundary, _gains.BOUNDARIES)
+  _checks.check_option("boundary", boundary)
   if not isinstance(normalize, bool):
     raise TypeError(f"normalize={normalize!r} must be a bool.")
-  _transform.check_kernels(kernels)
-  spec = _transform.resolve_kernels(kernels, tree)
+  _selection.check_kernels(kernels)
+  spec = _selection.resolve_kernels(kernels, tree)
 
   def one(x, axes):
     (axis,) = axes
     return _Spectrum(_fiber_energy(x, axis, boundary, normalize))
 
-  out = _transform.map_selected(one, tree, spec, "output")
+  out = _selection.map_selected(one, tree, spec, "output")
   return jax.tree.map(
       lambda x: x.value if isinstance(x, _Spectrum) else None, out,
       is_leaf=lambda x: isinstance(x, _Spectrum) or _selection.is_passthrough(x))

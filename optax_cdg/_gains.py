@@ -4,13 +4,12 @@ Every metric in this package is a function of the discrete Laplacian along the
 direction axes, so it is diagonal in the Laplacian's eigenbasis (the DFT for a
 periodic boundary, the orthonormal DCT-II for a Neumann boundary). Its inverse,
 which maps the Euclidean gradient to the gradient in the metric, is therefore a
-gain per frequency. This module computes those gains and validates the
-arguments shared by the whole package.
+gain per frequency. This module computes those gains (in float64 numpy for a
+concrete smoothing value, in jax for a traced one, from one formula).
 """
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,81 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-METRICS = ("sobolev", "sobolev_mean", "reweighted", "l2")
-BOUNDARIES = ("periodic", "neumann")
-SCALES = ("unit", "grid")
-
-
-def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
-  """Returns `value` if it is one of `allowed`, else raises a ValueError."""
-  if not isinstance(value, str) or value not in allowed:
-    raise ValueError(
-        f"{name}={value!r} is not supported; expected one of "
-        f"{', '.join(repr(a) for a in allowed)}."
-    )
-  return value
-
-
-def concrete_scalar(value: Any, name: str = "smoothing") -> float | None:
-  """Returns a Python float for a concrete real scalar, None for a tracer.
-
-  Raises a TypeError for anything that is not a real scalar.
-  """
-  if isinstance(value, bool) or isinstance(value, (str, bytes)):
-    raise TypeError(
-        f"{name}={value!r} must be a real number (or a schedule), "
-        f"not {type(value).__name__}."
-    )
-  if isinstance(value, numbers.Real):
-    return float(value)
-  if isinstance(value, jax.core.Tracer):
-    real = jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(
-        value.dtype, jnp.integer)
-    if jnp.shape(value) != () or not real:
-      raise TypeError(
-          f"{name} must be a real scalar; got a traced value of shape "
-          f"{jnp.shape(value)} and dtype {value.dtype}."
-      )
-    return None
-  try:
-    arr = np.asarray(value)
-  except Exception as e:  # pylint: disable=broad-except
-    raise TypeError(
-        f"{name}={value!r} must be a real number (or a schedule)."
-    ) from e
-  if arr.shape != () or not (
-      np.issubdtype(arr.dtype, np.floating)
-      or np.issubdtype(arr.dtype, np.integer)
-      or arr.dtype == jnp.bfloat16
-  ):
-    raise TypeError(
-        f"{name}={value!r} must be a real scalar; got shape {arr.shape} and "
-        f"dtype {arr.dtype}."
-    )
-  return float(arr)
-
-
-def smoothing_is_valid(value: float, metric: str) -> bool:
-  """Whether a concrete smoothing value defines an SPD metric."""
-  if not np.isfinite(value):
-    return False
-  if metric in ("sobolev_mean", "reweighted"):
-    return value > 0
-  return value >= 0
-
-
-def check_smoothing(value: Any, metric: str, name: str = "smoothing") -> None:
-  """Raises a ValueError for a concrete smoothing value the metric rejects."""
-  lam = concrete_scalar(value, name)
-  if lam is None or smoothing_is_valid(lam, metric):
-    return
-  need = "> 0" if metric in ("sobolev_mean", "reweighted") else ">= 0"
-  # LSGD's sigma has no metric argument to blame.
-  where = f" for metric={metric!r}" if name == "smoothing" else ""
-  raise ValueError(
-      f"{name}={lam!r} is not valid{where}: it must be a finite number "
-      f"{need}."
-  )
+from optax_cdg import _checks
 
 
 def laplacian_eigenvalues(
@@ -114,37 +39,12 @@ def laplacian_eigenvalues(
   Returns:
     A float64 numpy array of eigenvalues in frequency order.
   """
-  check_choice("boundary", boundary, BOUNDARIES)
-  check_choice("scale", scale, SCALES)
   c = float(n) ** 2 if scale == "unit" else 1.0
   if boundary == "periodic":
     k = np.arange(n // 2 + 1 if half else n, dtype=np.float64)
     return c * 4.0 * np.sin(np.pi * k / n) ** 2
   k = np.arange(n, dtype=np.float64)
   return c * 4.0 * np.sin(np.pi * k / (2.0 * n)) ** 2
-
-
-def _normalize_sizes(sizes: int | Sequence[int]) -> tuple[int, ...]:
-  if isinstance(sizes, numbers.Integral) and not isinstance(sizes, bool):
-    sizes = (int(sizes),)
-  if isinstance(sizes, (str, bytes)):
-    raise TypeError(f"sizes={sizes!r} must be an int or a sequence of ints.")
-  try:
-    items = tuple(sizes)  # type: ignore[arg-type]
-  except TypeError as e:
-    raise TypeError(
-        f"sizes={sizes!r} must be an int or a sequence of ints."
-    ) from e
-  # No silent int(): a length of 2.5, "8" or True is a mistake.
-  if any(isinstance(s, bool) or not isinstance(s, numbers.Integral)
-         for s in items):
-    raise TypeError(f"sizes={sizes!r} must be an int or a sequence of ints.")
-  sizes = tuple(int(s) for s in items)
-  if not sizes or any(s < 0 for s in sizes):
-    raise ValueError(
-        f"sizes={sizes!r} must be one or more non-negative axis lengths."
-    )
-  return sizes
 
 
 def summed_eigenvalues(
@@ -165,44 +65,41 @@ def summed_eigenvalues(
   return mu
 
 
-def gain_from_eigenvalues(mu: np.ndarray, smoothing: Any, metric: str):
+def gain_from_eigenvalues(mu: np.ndarray, lam: float | jax.Array,
+                          metric: str):
   """The gain `1 / (eigenvalue of the metric)` at each Laplacian eigenvalue.
 
-  With a concrete smoothing value this is a float64 numpy array. With a traced
-  value it is a jax array of the default float dtype (float32, or float64
-  under `jax_enable_x64`), and any value the metric rejects (negative,
-  zero where it must be positive, not finite) turns every gain into NaN:
-  a traced argument cannot raise, so the error must be loud instead.
+  `lam` is a checked smoothing value (`_checks.check_smoothing`). For a
+  concrete one (a float) this is a float64 numpy array. For a traced one it
+  is a jax array of `lam`'s dtype (the default float: float32, or float64
+  under `jax_enable_x64`), and a value the metric rejects (negative, zero
+  where it must be positive, not finite) turns every gain into NaN: a traced
+  argument cannot raise, so the error must be loud instead.
   """
-  check_choice("metric", metric, METRICS)
+  concrete = _checks.is_concrete(lam)
+  xp = np if concrete else jnp
+  if not concrete:
+    mu = jnp.asarray(mu, lam.dtype)
   zero = mu == 0.0  # the constant (mean) mode only; never exactly zero else
-  lam = concrete_scalar(smoothing)
-  if lam is not None:
-    check_smoothing(lam, metric)
-    with np.errstate(divide="ignore"):
-      if metric == "sobolev":
-        return 1.0 / (1.0 + lam * mu)
-      if metric == "sobolev_mean":
-        return np.where(zero, 1.0, 1.0 / np.where(zero, 1.0, lam * mu))
-      if metric == "reweighted":
-        return np.where(zero, 1.0, 1.0 / lam)
-      return np.ones_like(mu)
-  # The default float: float64 under jax_enable_x64, so that float64
-  # gradients keep full precision with a traced smoothing too.
-  lam = jnp.asarray(smoothing, jnp.result_type(float))
-  mu = jnp.asarray(mu, lam.dtype)
-  if metric == "sobolev":
-    gain = 1.0 / (1.0 + lam * mu)
-  elif metric == "sobolev_mean":
-    gain = jnp.where(zero, 1.0, 1.0 / jnp.where(zero, 1.0, lam * mu))
-  elif metric == "reweighted":
-    gain = jnp.where(zero, 1.0, 1.0 / lam)
-  else:
-    gain = jnp.ones_like(mu)
-  valid = jnp.isfinite(lam) & (
-      lam > 0 if metric in ("sobolev_mean", "reweighted") else lam >= 0
-  )
-  return jnp.where(valid, gain, jnp.nan)
+  with np.errstate(divide="ignore"):
+    if metric == "sobolev":
+      gain = 1.0 / (1.0 + lam * mu)
+    elif metric == "sobolev_mean":
+      gain = xp.where(zero, 1.0, 1.0 / xp.where(zero, 1.0, lam * mu))
+    elif metric == "reweighted":
+      gain = xp.where(zero, 1.0, 1.0 / lam)
+    else:
+      gain = xp.ones_like(mu)
+  if concrete:
+    return gain
+  return jnp.where(_checks.smoothing_valid(lam, metric), gain, jnp.nan)
+
+
+def gain(sizes: tuple[int, ...], lam: float | jax.Array, metric: str,
+         boundary: str, scale: str):
+  """`spectral_gain` for checked arguments."""
+  return gain_from_eigenvalues(summed_eigenvalues(sizes, boundary, scale),
+                               lam, metric)
 
 
 def spectral_gain(
@@ -244,6 +141,13 @@ def spectral_gain(
     concrete `smoothing`, a jax array of the default float dtype (float32, or
     float64 under `jax_enable_x64`) for a traced one.
 
+  Examples:
+    >>> import optax_cdg
+    >>> optax_cdg.spectral_gain(8, 0.01).round(4).tolist()
+    [1.0, 0.7273, 0.4386, 0.314, 0.2809]
+    >>> optax_cdg.spectral_gain(8, 0.5, metric="reweighted").tolist()
+    [1.0, 2.0, 2.0, 2.0, 2.0]
+
   References:
     Lao et al., `Channel-Directed Gradients for Optimization of Convolutional
     Neural Networks <https://arxiv.org/abs/2008.10766>`_, 2020.
@@ -251,10 +155,9 @@ def spectral_gain(
     Sundaramoorthi et al., `Sobolev Active Contours
     <https://doi.org/10.1007/s11263-006-0635-2>`_, IJCV 2007.
   """
-  sizes = _normalize_sizes(sizes)
-  check_choice("metric", metric, METRICS)
-  check_choice("boundary", boundary, BOUNDARIES)
-  check_choice("scale", scale, SCALES)
-  return gain_from_eigenvalues(
-      summed_eigenvalues(sizes, boundary, scale), smoothing, metric
-  )
+  sizes = _checks.sizes(sizes)
+  _checks.check_option("metric", metric)
+  _checks.check_option("boundary", boundary)
+  _checks.check_option("scale", scale)
+  lam = _checks.check_smoothing(smoothing, metric)
+  return gain(sizes, lam, metric, boundary, scale)

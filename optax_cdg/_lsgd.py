@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_cdg import _gains
+from optax_cdg import _checks
 from optax_cdg import _operator
 from optax_cdg import _selection
 
@@ -24,18 +24,21 @@ def torch_layout_permutation(ndim: int) -> tuple[int, ...]:
   return tuple(range(ndim))
 
 
-def _smooth_flat(x: jax.Array, sigma) -> jax.Array:
+def _smooth_flat(x: jax.Array, sigma: float | jax.Array,
+                 method: str) -> jax.Array:
   perm = torch_layout_permutation(x.ndim)
   t = jnp.transpose(x, perm)
-  flat = _operator.metric_gradient(
-      t.reshape(-1), sigma, metric="sobolev", boundary="periodic",
-      scale="grid")
+  flat = _operator.apply(
+      t.reshape(-1), sigma, metric="sobolev", axes=0, boundary="periodic",
+      scale="grid", method=method)
   inverse = tuple(perm.index(i) for i in range(x.ndim))
   return jnp.transpose(flat.reshape(t.shape), inverse)
 
 
 def laplacian_smoothing(
     sigma: float = 0.5,
+    *,
+    method: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Laplacian smoothing of every gradient, flattened in PyTorch's layout.
 
@@ -49,18 +52,35 @@ def laplacian_smoothing(
   Unlike :func:`channel_directed`, this couples neighbours in the flattened
   order: mostly spatial taps and input channels of a conv kernel.
 
+  The cost is that of :func:`metric_gradient` along one axis of `n` values
+  (`method="auto"`: a matmul for small leaves, the blocked form up to a few
+  thousand values, the FFT above), in memory linear in the leaf's size
+  (docs/performance.md).
+
   Args:
     sigma: the smoothing, `>= 0` (0 is the identity). Osher et al. use 0.5 for
       ResNets on CIFAR-10 (SGD, lr 0.12, Nesterov momentum 0.9, wd 5e-4).
+    method: how the solve is applied, as in :func:`metric_gradient`: "auto",
+      "fft" (LSGD's own), "matmul" or "blocked"; all exact.
 
   Returns:
     A stateless :class:`optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_cdg
+    >>> tx = optax_cdg.laplacian_smoothing(1.0)
+    >>> g = {"w": jnp.array([0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0])}
+    >>> updates, _ = tx.update(g, tx.init(g))
+    >>> [round(v, 3) for v in updates["w"].tolist()]
+    [0.267, 0.686, 1.79, 0.686, 0.267, 0.114, 0.076, 0.114]
 
   References:
     Osher et al., `Laplacian Smoothing Gradient Descent
     <https://arxiv.org/abs/1806.06317>`_, 2018.
   """
-  _gains.check_smoothing(sigma, "sobolev", name="sigma")
+  sigma = _checks.check_smoothing(sigma, "sobolev", name="sigma")
+  _checks.check_method(method, "sobolev")
 
   def init_fn(params):
     del params
@@ -73,7 +93,7 @@ def laplacian_smoothing(
       if (_selection.is_passthrough(x) or x.size < 2
           or not jnp.issubdtype(x.dtype, jnp.floating)):
         return x
-      return _smooth_flat(x, sigma)
+      return _smooth_flat(x, sigma, method)
 
     return jax.tree.map(one, updates, is_leaf=_selection.is_passthrough), state
 

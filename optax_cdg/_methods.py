@@ -24,21 +24,28 @@ applied exactly as
 All matrices are numpy float64 arrays, computed once per
 `(sizes, smoothing, metric, boundary, scale)` and cached, so under `jax.jit`
 they are constants of the compiled program.
+
+Every method, the spectral one ("fft") included, is a `Solver` in `SOLVERS`:
+how it builds its operands and how it applies them. `choose` is the one place
+where "auto" becomes a method (from `cost`, the table of docs/performance.md,
+and the measured crossovers); `Operator.__call__` the one place where a
+method is applied.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_cdg import _checks
 from optax_cdg import _gains
-
-METHODS = ("auto", "fft", "matmul", "blocked", "closed")
 
 # CPU rule, from the crossovers in BENCHMARKS.md (2-core AMD EPYC, XLA:CPU).
 CPU_MATMUL_MAX = 64          # dense x @ K up to this many points per fiber
@@ -52,6 +59,11 @@ TRACED_MATMUL_MAX = 64
 # BENCHMARKS.md): the chunk dot costs 2 (b + R) flops per value, the mix of
 # the chunk summaries 2 P R^2 / b, so longer fibers want longer chunks.
 BLOCK_SIZES = ((16, 32, 8, 64), (32, 16, 64, 8))
+# "auto" builds nothing at trace time larger than this (float64 bytes): the
+# Neumann blocked form builds the dense N x N operator, so it stops at
+# N = 2048 (3 x 32 MiB); the periodic one stops earlier, where its mix costs
+# more than its chunk products.
+BUILD_BUDGET = 128 * 2**20
 # Gram eigenvalues (relative to the largest) dropped from the chunk coupling,
 # and the float64 error allowed in the factorization, relative to max |K|:
 # far below float32's 6e-8.
@@ -63,23 +75,48 @@ _FACTOR_TOL = 1e-9
 _RANK = {"sobolev": 2, "sobolev_mean": 3, "reweighted": 1, "l2": 0}
 
 
-def check_method(method: str, metric: str) -> None:
-  """Build-time validation of `method` for `metric`."""
-  _gains.check_choice("method", method, METHODS)
-  if method == "closed" and metric not in ("reweighted", "l2"):
-    raise ValueError(
-        f"method='closed' is not available for metric={metric!r}: only "
-        "'reweighted' (and 'l2') have a closed form here; use 'auto', 'fft', "
-        "'matmul' or 'blocked'."
-    )
-
-
 def block_size(n: int) -> int | None:
   """The chunk size for "blocked" along an axis of length `n`, or None."""
   for b in BLOCK_SIZES[n > 256]:
     if n % b == 0 and n // b >= 2:
       return b
   return None
+
+
+class Cost(NamedTuple):
+  """What one method costs on `M` fibers of `N` values (`E = M N`).
+
+  Bytes are those of the float64 arrays built at trace time (`build`, freed
+  after tracing) and of the constants kept in the program (`constants`, in
+  the compute dtype, 4 bytes a value for float32); `flops` are per value of
+  the gradient. The run's temporaries are a few arrays of the gradient's
+  size for every method (the FFT's spectrum is complex, `E / 2` of them).
+  """
+
+  build_bytes: int
+  constant_bytes: int
+  flops: float
+
+
+def cost(method: str, sizes: Sequence[int], metric: str, boundary: str,
+         block: int | None = None) -> Cost:
+  """The cost table of docs/performance.md, per method (no timing)."""
+  n = math.prod(sizes)
+  if method == "closed":
+    return Cost(0, 4, 4.0)
+  if method == "fft":
+    # The gain, and ~5 log2 N flops per value for a real FFT pair.
+    return Cost(8 * n, 4 * n, 5.0 * math.log2(max(n, 2)))
+  if method == "matmul":
+    return Cost(3 * 8 * n * n, 4 * n * n, 2.0 * n)
+  b = block_size(n) if block is None else block
+  r, p = _RANK[metric], n // b
+  # Periodic: one chunk row of the circulant, `b x N`, and its copies;
+  # Neumann: the dense `N x N` operator (three arrays of it at once).
+  build = 4 * 8 * b * n if boundary == "periodic" else 3 * 8 * n * n
+  build += 8 * (p * r) ** 2
+  return Cost(build, 4 * (b * b + b * r + (p * r) ** 2),
+              2.0 * (b + r) + 2.0 * p * r * r / b)
 
 
 def choose(
@@ -98,10 +135,14 @@ def choose(
   The "auto" rule: "closed" for "reweighted"/"l2"; else a dense matmul up to
   `CPU_MATMUL_MAX` points per fiber on CPU (`ACCELERATOR_MATMUL_MAX` on
   GPU/TPU; `TRACED_MATMUL_MAX` when `lam` is traced); else "blocked" along
-  one last axis whose length splits into chunks; else "fft".
+  one last axis whose length splits into chunks, while its trace-time arrays
+  fit in `BUILD_BUDGET` bytes and the mix of the chunk summaries costs at
+  most twice the chunk products (`P R^2 <= 2 b (b + R)`: beyond that the FFT
+  is as fast, BENCHMARKS.md); else "fft", whose constants are `O(N)` and
+  work `O(N log N)` at every size.
 
   Args:
-    method: one of METHODS.
+    method: "auto" or a method.
     metric: the metric.
     sizes: the lengths of the direction axes.
     lam: the smoothing value, or None when it is traced.
@@ -122,11 +163,15 @@ def choose(
     return "matmul"
   b = block_size(n)
   if len(sizes) == 1 and last_axis and b is not None:
-    try:
-      blocked_factors(n, lam, metric, boundary, scale, b)
-    except ValueError:  # no low-rank structure: not expected, but exact
-      return "fft"
-    return "blocked"
+    c = cost("blocked", sizes, metric, boundary, b)
+    mix_flops = c.flops - 2.0 * (b + _RANK[metric])
+    if (c.build_bytes <= BUILD_BUDGET
+        and mix_flops <= 2.0 * 2.0 * (b + _RANK[metric])):
+      try:
+        blocked_factors(n, lam, metric, boundary, scale, b)
+      except ValueError:  # no low-rank structure: not expected, but exact
+        return "fft"
+      return "blocked"
   return "fft"
 
 
@@ -152,8 +197,7 @@ def _circulant(first: np.ndarray) -> np.ndarray:
 def _operator_1d(n: int, lam: float, metric: str, boundary: str,
                  scale: str) -> np.ndarray:
   if boundary == "periodic":
-    gain = _gains.spectral_gain(n, lam, metric=metric, boundary=boundary,
-                                scale=scale)
+    gain = _gains.gain((n,), lam, metric, boundary, scale)
     return _circulant(np.fft.irfft(gain, n=n))
   # Neumann is periodic on the even extension of length 2n (DCT-II vectors are
   # its cosines), with the eigenvalues c(n) 4 sin^2(pi k / 2n) of this axis:
@@ -172,8 +216,7 @@ def _operator_nd(sizes: tuple[int, ...], lam: float, metric: str,
   total = math.prod(sizes)
   eye = np.eye(total).reshape((total,) + sizes)
   axes = tuple(range(1, len(sizes) + 1))
-  gain = _gains.spectral_gain(sizes, lam, metric=metric, boundary=boundary,
-                              scale=scale)
+  gain = _gains.gain(sizes, lam, metric, boundary, scale)
   if boundary == "periodic":
     out = np.fft.irfftn(np.fft.rfftn(eye, axes=axes) * gain, s=sizes,
                         axes=axes)
@@ -282,8 +325,8 @@ def blocked_factors(n: int, lam: float, metric: str, boundary: str,
   p = n // b
   if boundary == "periodic":
     # A circulant's chunk rows are shifts of the first one: it is enough.
-    first = np.fft.irfft(_gains.spectral_gain(
-        n, lam, metric=metric, boundary=boundary, scale=scale), n=n)
+    first = np.fft.irfft(_gains.gain((n,), lam, metric, boundary, scale),
+                         n=n)
     k = first[(np.arange(b)[:, None] - np.arange(n)[None, :]) % n]
     rest = k.reshape(1, b, p, b).copy()
   else:
@@ -332,7 +375,7 @@ def blocked_factors(n: int, lam: float, metric: str, boundary: str,
 
 
 # ---------------------------------------------------------------------------
-# Applying them.
+# The solvers: how each method builds its operands and applies them.
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # float32-exact on GPU/TPU too
 
@@ -341,12 +384,87 @@ def _dot(a, b):
   return jnp.dot(a, b, precision=_HIGHEST)
 
 
-def _contract(x, axes: tuple[int, ...], k):
+@dataclasses.dataclass(frozen=True)
+class Operator:
+  """`A^{-1}` on every fiber along `axes`: what a solver needs to know.
+
+  Its constant operands (gains, the matrix `K`, the blocked factors or `lam`)
+  are passed separately as arrays, so that the sharded application can hand
+  them to every device. Hashable by value: it is a static argument of the
+  sharded application, and an identity-hashed closure could be confused with
+  a dead one whose id was reused. A frozen dataclass rather than a NamedTuple:
+  jax < 0.9.2 takes a weak reference to every callable parameter, which no
+  tuple allows.
+  """
+
+  method: str  # a key of SOLVERS
+  axes: tuple[int, ...]  # sorted, non-negative
+  sizes: tuple[int, ...]
+  metric: str
+  boundary: str
+  scale: str
+  dtype: Any  # the compute dtype
+  block: int | None = None  # "blocked" only: the chunk size (None: the rule)
+
+  def shifted(self, k: int) -> "Operator":
+    """The same operator on an array with `k` more leading (batch) axes."""
+    return dataclasses.replace(self, axes=tuple(a + k for a in self.axes))
+
+  def operands(self, lam: float | jax.Array, ndim: int) -> tuple[Any, ...]:
+    """The constant operands for an array of `ndim` dimensions."""
+    return SOLVERS[self.method].operands(self, lam, ndim)
+
+  def __call__(self, grad: jax.Array, *operands: jax.Array) -> jax.Array:
+    x = grad.astype(self.dtype)
+    return SOLVERS[self.method].apply(self, x, *operands).astype(grad.dtype)
+
+
+class Solver(NamedTuple):
+  """One method: `operands(op, lam, ndim)` and `apply(op, x, *operands)`."""
+
+  operands: Callable[..., tuple[Any, ...]]
+  apply: Callable[..., jax.Array]
+
+
+def _fft_operands(op: Operator, lam, ndim: int):
+  gain = _gains.gain(op.sizes, lam, op.metric, op.boundary, op.scale)
+  shape = [1] * ndim
+  for a, n in zip(op.axes, gain.shape):
+    shape[a] = n
+  if isinstance(gain, np.ndarray):
+    # A trace-time constant: computed in float64 once, rounded once.
+    return (np.asarray(gain, op.dtype).reshape(shape),)
+  return (jnp.asarray(gain, op.dtype).reshape(shape),)
+
+
+def _fft_apply(op: Operator, x, gain):
+  if op.boundary == "periodic":
+    spec = jnp.fft.rfftn(x, axes=op.axes)
+    return jnp.fft.irfftn(spec * gain, s=op.sizes, axes=op.axes)
+  coef = jax.scipy.fft.dctn(x, type=2, axes=op.axes, norm="ortho")
+  return jax.scipy.fft.idctn(coef * gain, type=2, axes=op.axes, norm="ortho")
+
+
+def _matmul_operands(op: Operator, lam, ndim: int):
+  """`K`: a float64-built constant, or built from a traced `lam`."""
+  del ndim
+  if _checks.is_concrete(lam):
+    return (np.asarray(dense_operator(op.sizes, lam, op.metric, op.boundary,
+                                      op.scale), op.dtype),)
+  phi, mu = eigenbasis(op.sizes, op.boundary, op.scale)
+  gain = _gains.gain_from_eigenvalues(mu, lam, op.metric)
+  phi = np.asarray(phi, op.dtype)
+  return (_dot(phi * gain.astype(op.dtype), phi.T),)
+
+
+def _matmul_apply(op: Operator, x, k):
   """`k` (symmetric) applied along the sorted `axes` of `x`, fiber by fiber."""
+  axes = op.axes
   first, last = axes[0], axes[-1]
   if axes != tuple(range(first, last + 1)):
     dest = tuple(range(x.ndim - len(axes), x.ndim))
-    return jnp.moveaxis(_contract(jnp.moveaxis(x, axes, dest), dest, k),
+    inner = dataclasses.replace(op, axes=dest)
+    return jnp.moveaxis(_matmul_apply(inner, jnp.moveaxis(x, axes, dest), k),
                         dest, axes)
   shape = x.shape
   n = math.prod(shape[first:last + 1])
@@ -361,57 +479,41 @@ def _contract(x, axes: tuple[int, ...], k):
   return out.reshape(shape)
 
 
-def matmul_operand(sizes, smoothing, metric, boundary, scale, dtype):
-  """`K` along `axes`: a float64-built constant, or built from a traced `lam`."""
-  lam = _gains.concrete_scalar(smoothing)
-  if lam is not None:
-    return np.asarray(dense_operator(tuple(sizes), lam, metric, boundary,
-                                     scale), dtype)
-  phi, mu = eigenbasis(tuple(sizes), boundary, scale)
-  gain = _gains.gain_from_eigenvalues(mu, smoothing, metric)
-  phi = np.asarray(phi, dtype)
-  return _dot(phi * gain.astype(dtype), phi.T)
-
-
-def apply_matmul(x, axes, k):
-  """`x @ K` along `axes`, fiber by fiber."""
-  return _contract(x, axes, k)
-
-
-def blocked_operands(n, smoothing, metric, boundary, scale, dtype):
-  """The blocked factors of `K` for an axis of length `n`, as arrays."""
-  lam = _gains.concrete_scalar(smoothing)
-  if lam is None:
+def _blocked_operands(op: Operator, lam, ndim: int):
+  """The blocked factors `B`, `U`, `S` of `K` along one axis, as arrays."""
+  del ndim
+  if len(op.axes) != 1:
+    raise ValueError(
+        f"method='blocked' works along one axis; got axes={op.axes}. Use "
+        "method='auto', 'fft' or 'matmul'.")
+  if not _checks.is_concrete(lam):
     raise ValueError(
         "method='blocked' needs a concrete smoothing value (a number known "
         "at trace time); got a traced value. Use method='auto', 'fft' or "
         "'matmul'."
     )
-  b = block_size(n)
+  (n,) = op.sizes
+  b = block_size(n) if op.block is None else op.block
   if b is None:
     raise ValueError(
         f"method='blocked' needs an axis length that is a multiple of 8, 16, "
         f"32 or 64 (at least two chunks); got {n}. Use method='auto', "
         "'fft' or 'matmul'."
     )
-  f = blocked_factors(n, lam, metric, boundary, scale, b)
-  if f.rank == 0:
-    return (np.asarray(f.diag, dtype),)
-  return (np.asarray(f.diag, dtype), np.asarray(f.basis, dtype),
-          np.asarray(f.mix, dtype))
+  f = blocked_factors(n, lam, op.metric, op.boundary, op.scale, b)
+  return tuple(np.asarray(a, op.dtype) for a in (f.diag, f.basis, f.mix))
 
 
-def apply_blocked(x, axis: int, diag, basis=None, mix=None):
-  """The blocked form along one axis (moved last if it is not)."""
+def _blocked_apply(op: Operator, x, diag, basis, mix):
+  """`y_p = x_p B + (sum_q (x_q U) S_qp) U^T` along the one axis."""
+  (axis,) = op.axes
   if axis != x.ndim - 1:
-    return jnp.moveaxis(
-        apply_blocked(jnp.moveaxis(x, axis, -1), x.ndim - 1, diag, basis,
-                      mix), -1, axis)
+    last = dataclasses.replace(op, axes=(x.ndim - 1,))
+    return jnp.moveaxis(_blocked_apply(last, jnp.moveaxis(x, axis, -1), diag,
+                                       basis, mix), -1, axis)
   n, b = x.shape[-1], diag.shape[0]
   rows = x.size // b
   xs = x.reshape(rows, b)
-  if basis is None:
-    return _dot(xs, diag).reshape(x.shape)
   # Two dots reading x (not one dot into [x B | x U] and a slice): as fast,
   # and one loop fusion fewer to compile per kernel.
   p, r = n // b, basis.shape[1]
@@ -421,3 +523,26 @@ def apply_blocked(x, axis: int, diag, basis=None, mix=None):
   for i in range(r):
     y = y + w[:, i:i + 1] * basis[:, i]
   return y.reshape(x.shape)
+
+
+def _closed_operands(op: Operator, lam, ndim: int):
+  del ndim
+  if _checks.is_concrete(lam):
+    return (jnp.asarray(lam, op.dtype),)
+  # A traced lam cannot raise: a rejected value poisons the result instead.
+  lam = jnp.asarray(lam, op.dtype)
+  return (jnp.where(jnp.isfinite(lam) & (lam > 0), lam, jnp.nan),)
+
+
+def _closed_apply(op: Operator, x, lam):
+  """The reweighted metric in closed form: `mean + (x - mean) / lam`."""
+  mean = jnp.mean(x, axis=op.axes, keepdims=True)
+  return mean + (x - mean) / lam
+
+
+SOLVERS: dict[str, Solver] = {
+    "fft": Solver(_fft_operands, _fft_apply),
+    "matmul": Solver(_matmul_operands, _matmul_apply),
+    "blocked": Solver(_blocked_operands, _blocked_apply),
+    "closed": Solver(_closed_operands, _closed_apply),
+}

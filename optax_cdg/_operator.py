@@ -2,111 +2,20 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from optax_cdg import _gains
+from optax_cdg import _checks
 from optax_cdg import _methods
 from optax_cdg import _sharding
-
-
-def normalize_axes(
-    axes: int | Sequence[int], ndim: int, name: str = "axes"
-) -> tuple[int, ...]:
-  """Sorted non-negative axes, validated against `ndim`."""
-  if isinstance(axes, numbers.Integral) and not isinstance(axes, bool):
-    axes = (axes,)
-  try:
-    axes = tuple(axes)  # type: ignore[arg-type]
-  except TypeError as e:
-    raise TypeError(f"{name}={axes!r} must be an int or a tuple of ints.") from e
-  if not axes:
-    raise ValueError(f"{name}=() must name at least one axis.")
-  out = []
-  for a in axes:
-    if isinstance(a, bool) or not isinstance(a, numbers.Integral):
-      raise TypeError(f"{name}={axes!r} must contain ints; got {a!r}.")
-    if not -ndim <= a < ndim:
-      raise ValueError(
-          f"{name}={axes!r}: axis {a} is out of range for an array with "
-          f"{ndim} dimensions (allowed: {-ndim} .. {ndim - 1})."
-      )
-    out.append(int(a) % ndim)
-  if len(set(out)) != len(out):
-    raise ValueError(f"{name}={axes!r} names the same axis twice.")
-  return tuple(sorted(out))
 
 
 def compute_dtype(dtype: Any) -> Any:
   """float32 for half precision (XLA's FFT rejects it), else the dtype."""
   return jnp.promote_types(dtype, jnp.float32)
-
-
-def _broadcast_gain(gain, axes: tuple[int, ...], ndim: int, dtype):
-  shape = [1] * ndim
-  for a, n in zip(axes, gain.shape):
-    shape[a] = n
-  if isinstance(gain, np.ndarray):
-    # A trace-time constant: computed in float64 once, rounded once.
-    return np.asarray(gain, dtype).reshape(shape)
-  return jnp.asarray(gain, dtype).reshape(shape)
-
-
-def _reweighted_lam(smoothing, dtype):
-  lam = _gains.concrete_scalar(smoothing)
-  if lam is not None:
-    return jnp.asarray(lam, dtype)
-  # A traced lam cannot raise: a rejected value poisons the result instead.
-  lam = jnp.asarray(smoothing, dtype)
-  return jnp.where(jnp.isfinite(lam) & (lam > 0), lam, jnp.nan)
-
-
-class _FiberOp(NamedTuple):
-  """`A^{-1}` on every fiber along `axes`, given its constant operands.
-
-  The operands (the gains, the matrix `K`, the blocked factors or `lam`) are
-  arrays, so that the sharded application can pass them to every device.
-  Hashable by value: it is a static argument of the sharded application, and
-  an identity-hashed closure could be confused with a dead one whose id was
-  reused.
-  """
-
-  method: str  # "fft", "matmul", "blocked" or "closed"
-  axes: tuple[int, ...]
-  sizes: tuple[int, ...]
-  boundary: str
-  dtype: Any
-
-  def shifted(self, k: int) -> "_FiberOp":
-    """The same operator on an array with `k` more leading (batch) axes."""
-    return self._replace(axes=tuple(a + k for a in self.axes))
-
-  def __call__(self, grad: jax.Array, *operands: jax.Array) -> jax.Array:
-    x = grad.astype(self.dtype)
-    if self.method == "closed":
-      # The reweighted metric in closed form: mean + (x - mean) / lam.
-      (lam,) = operands
-      mean = jnp.mean(x, axis=self.axes, keepdims=True)
-      out = mean + (x - mean) / lam
-    elif self.method == "matmul":
-      out = _methods.apply_matmul(x, self.axes, *operands)
-    elif self.method == "blocked":
-      out = _methods.apply_blocked(x, self.axes[0], *operands)
-    elif self.boundary == "periodic":
-      (gain,) = operands
-      spec = jnp.fft.rfftn(x, axes=self.axes)
-      out = jnp.fft.irfftn(spec * gain, s=self.sizes, axes=self.axes)
-    else:
-      (gain,) = operands
-      coef = jax.scipy.fft.dctn(x, type=2, axes=self.axes, norm="ortho")
-      out = jax.scipy.fft.idctn(coef * gain, type=2, axes=self.axes,
-                                norm="ortho")
-    return out.astype(grad.dtype)
 
 
 def metric_gradient(
@@ -142,7 +51,10 @@ def metric_gradient(
   float32 accuracy):
 
   - "auto": the fastest exact method for the backend, the axis length and
-    the metric (the rule and its measurements are in BENCHMARKS.md);
+    the metric whose trace-time arrays stay within a fixed budget (the rule,
+    the cost of each method and the measurements are in
+    docs/performance.md); at every size it needs memory linear in the
+    array and at most `O(N log N)` work per fiber;
   - "fft": the spectral transform above;
   - "matmul": `x @ K` with `K` built in float64 at trace time (at run time,
     from the eigenbasis, when `smoothing` is traced);
@@ -164,9 +76,28 @@ def metric_gradient(
     boundary: "periodic" (FFT) or "neumann" (DCT-II).
     scale: "unit" (`c(N) = N^2`, the axis is the unit interval) or "grid"
       (`c(N) = 1`).
+    method: how `A^{-1}` is applied (above); every method gives the same
+      result to float32 accuracy, and a forced one is used as it is.
 
   Returns:
     An array of the shape and dtype of `grad`.
+
+  Examples:
+    A spike in one channel is spread to its neighbours, and the mean is kept:
+
+    >>> import jax.numpy as jnp
+    >>> import optax_cdg
+    >>> g = jnp.array([[0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    >>> y = optax_cdg.metric_gradient(g, 0.01)
+    >>> [round(v, 3) for v in y[0].tolist()]
+    [0.202, 0.652, 2.12, 0.652, 0.202, 0.067, 0.038, 0.067]
+    >>> round(float(y.sum()), 5)
+    4.0
+
+    The "reweighted" metric scales the deviations from the mean by `1 / lam`:
+
+    >>> optax_cdg.metric_gradient(g, 2.0, metric="reweighted").tolist()
+    [[0.25, 0.25, 2.25, 0.25, 0.25, 0.25, 0.25, 0.25]]
 
   References:
     Lao et al., `Channel-Directed Gradients for Optimization of Convolutional
@@ -175,44 +106,43 @@ def metric_gradient(
     Sundaramoorthi et al., `Sobolev Active Contours
     <https://doi.org/10.1007/s11263-006-0635-2>`_, IJCV 2007.
   """
-  _gains.check_choice("metric", metric, _gains.METRICS)
-  _gains.check_choice("boundary", boundary, _gains.BOUNDARIES)
-  _gains.check_choice("scale", scale, _gains.SCALES)
-  _gains.check_smoothing(smoothing, metric)
-  _methods.check_method(method, metric)
-  if not hasattr(grad, "dtype") or not hasattr(grad, "shape"):
-    grad = jnp.asarray(grad)
-  if not jnp.issubdtype(grad.dtype, jnp.floating):
-    raise TypeError(
-        f"grad must be a real floating-point array; got dtype {grad.dtype}."
-    )
-  axes = normalize_axes(axes, grad.ndim)
+  _checks.check_option("metric", metric)
+  _checks.check_option("boundary", boundary)
+  _checks.check_option("scale", scale)
+  lam = _checks.check_smoothing(smoothing, metric)
+  _checks.check_method(method, metric)
+  return apply(grad, lam, metric=metric, axes=axes, boundary=boundary,
+               scale=scale, method=method)
+
+
+def apply(
+    grad: jax.Array,
+    lam: float | jax.Array,
+    *,
+    metric: str,
+    axes: int | Sequence[int],
+    boundary: str,
+    scale: str,
+    method: str,
+    block: int | None = None,
+) -> jax.Array:
+  """`metric_gradient` for checked options and a checked smoothing `lam`.
+
+  `grad` and `axes` are checked here, where they enter. `block` forces the
+  chunk size of "blocked" (benchmarks; None: the rule).
+  """
+  grad = _checks.float_array(grad)
+  axes = _checks.axes(axes, grad.ndim)
   sizes = tuple(grad.shape[a] for a in axes)
   if metric == "l2" or grad.size == 0 or all(n == 1 for n in sizes):
     return grad
-
-  dtype = compute_dtype(grad.dtype)
+  # The one place the method is chosen, and below the one it is applied.
   method = _methods.choose(
-      method, metric, sizes, _gains.concrete_scalar(smoothing),
+      method, metric, sizes, lam if _checks.is_concrete(lam) else None,
       boundary=boundary, scale=scale, last_axis=axes == (grad.ndim - 1,),
       backend=jax.default_backend())
-  if method == "closed":
-    operands = (_reweighted_lam(smoothing, dtype),)
-  elif method == "matmul":
-    operands = (_methods.matmul_operand(sizes, smoothing, metric, boundary,
-                                        scale, dtype),)
-  elif method == "blocked":
-    if len(axes) != 1:
-      raise ValueError(
-          f"method='blocked' works along one axis; got axes={axes}. Use "
-          "method='auto', 'fft' or 'matmul'.")
-    operands = _methods.blocked_operands(sizes[0], smoothing, metric,
-                                         boundary, scale, dtype)
-  else:
-    gain = _gains.spectral_gain(
-        sizes, smoothing, metric=metric, boundary=boundary, scale=scale
-    )
-    operands = (_broadcast_gain(gain, axes, grad.ndim, dtype),)
-  fn = _FiberOp(method, axes, sizes, boundary, dtype)
+  op = _methods.Operator(method, axes, sizes, metric, boundary, scale,
+                         compute_dtype(grad.dtype), block)
   # Fiber-local on every device, however the array is sharded.
-  return _sharding.apply_fiberwise(fn, grad, axes, *operands)
+  return _sharding.apply_fiberwise(op, grad, axes, *op.operands(lam,
+                                                                grad.ndim))

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -85,7 +86,11 @@ def plan_moves(
 
 
 def _explicit_entries(x: jax.Array) -> tuple[_SpecEntries, object] | None:
-  """The spec entries of an explicitly sharded array, or None."""
+  """The spec entries of an explicitly sharded array, or None.
+
+  An array replicated on a mesh whose axes are all explicit gives entries
+  that are all empty.
+  """
   try:
     sharding = jax.typeof(x).sharding
   except Exception:  # pylint: disable=broad-except
@@ -94,8 +99,10 @@ def _explicit_entries(x: jax.Array) -> tuple[_SpecEntries, object] | None:
   if mesh is None or getattr(mesh, "empty", True):
     return None
   entries = _entries(sharding.spec, x.ndim)
-  if not any(entries):
-    return None
+  types = tuple(getattr(mesh, "axis_types", ()))
+  explicit = bool(types) and all(t == AxisType.Explicit for t in types)
+  if not any(entries) and not explicit:
+    return None  # automatic sharding: invisible while tracing
   return entries, mesh
 
 
@@ -221,6 +228,9 @@ def apply_fiberwise(fn: FiberFn, x: jax.Array, axes: Sequence[int],
   """
   axes = tuple(sorted(a % x.ndim for a in axes))
   explicit = _explicit_entries(x)
+  if explicit is not None and not any(explicit[0]):
+    # Replicated on an explicit mesh: every device computes the whole result.
+    return fn(x, *consts)
   if explicit is not None:
     return _shard_map_path(fn, axes, x, consts, *explicit)
   if jax.device_count() == 1:

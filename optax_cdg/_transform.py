@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from optax_cdg import _gains
-from optax_cdg import _methods
+from optax_cdg import _checks
 from optax_cdg import _operator
 from optax_cdg import _selection
 
@@ -22,83 +19,39 @@ from optax_cdg import _selection
 DEFAULT_SMOOTHING = 1e-4
 
 
+Metric = Literal["sobolev", "sobolev_mean", "reweighted", "l2"]
+Boundary = Literal["periodic", "neumann"]
+Scale = Literal["unit", "grid"]
+Method = Literal["auto", "fft", "matmul", "blocked", "closed"]
+
+
 class ChannelDirectedState(NamedTuple):
-  """The step count, kept only when `smoothing` is a schedule."""
+  """The step count, kept only when `smoothing` is a schedule.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_cdg
+    >>> tx = optax_cdg.channel_directed(optax.linear_schedule(0.0, 1e-2, 10))
+    >>> grads = {"conv": {"kernel": jnp.ones((3, 3, 2, 8))}}
+    >>> state = tx.init(grads)
+    >>> _, state = tx.update(grads, state)
+    >>> state
+    ChannelDirectedState(count=Array(1, dtype=int32))
+  """
 
   count: jax.Array
 
 
-def map_selected(
-    fn: Callable[[jax.Array, tuple[int, ...]], Any],
-    updates: Any,
-    spec_tree: Any,
-    direction: str,
-) -> Any:
-  """Applies `fn(leaf, axes)` to every leaf a `kernels` spec tree selects.
-
-  `spec_tree` is a prefix of `updates`; every other leaf is returned as the
-  very same object.
-  """
-  specs, treedef = jax.tree_util.tree_flatten_with_path(
-      spec_tree, is_leaf=_selection.is_spec_leaf
-  )
-  try:
-    subtrees = treedef.flatten_up_to(updates)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        "kernels: the spec tree must be a prefix of the updates tree (same "
-        "containers and keys, with None/False/True/axis values at or above "
-        f"the leaves); they differ: {e}"
-    ) from e
-
-  out = []
-  for (path, spec), sub in zip(specs, subtrees):
-    if spec is None or (isinstance(spec, (bool, np.bool_)) and not spec):
-      out.append(sub)
-      continue
-
-    def one(p, x, path=path, spec=spec):
-      if _selection.is_passthrough(x):
-        return x
-      return fn(x, _selection.resolve_spec(spec, path + p, x, direction))
-
-    out.append(jax.tree_util.tree_map_with_path(
-        one, sub, is_leaf=_selection.is_passthrough))
-  return treedef.unflatten(out)
-
-
-def resolve_kernels(kernels: Any, updates: Any) -> Any:
-  """The spec tree for `updates` from a `kernels` argument."""
-  if kernels is None:
-    return _selection.conv_kernels(updates)
-  if callable(kernels):
-    return kernels(updates)
-  return kernels
-
-
-def check_kernels(kernels: Any) -> None:
-  """Build-time check of a `kernels` argument that is a tree."""
-  if kernels is None or callable(kernels):
-    return
-  for path, spec in jax.tree_util.tree_flatten_with_path(
-      kernels, is_leaf=_selection.is_spec_leaf)[0]:
-    if not _selection.is_spec_leaf(spec):
-      raise TypeError(
-          f"kernels: the value at {_selection.format_path(path)} is "
-          f"{spec!r}; expected None, False, True, an output axis (int) or an "
-          "optax_cdg.KernelSpec (or pass a callable or None)."
-      )
-
-
 def channel_directed(
-    smoothing: float | optax.Schedule = DEFAULT_SMOOTHING,
+    smoothing: optax.ScalarOrSchedule = DEFAULT_SMOOTHING,
     *,
-    metric: str = "sobolev",
-    direction: str = "output",
-    boundary: str = "periodic",
-    scale: str = "unit",
+    metric: Metric = "sobolev",
+    direction: _selection.Direction = "output",
+    boundary: Boundary = "periodic",
+    scale: Scale = "unit",
     kernels: Any = None,
-    method: str = "auto",
+    method: Method = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces conv-kernel gradients by their gradient in a channel metric.
 
@@ -131,16 +84,23 @@ def channel_directed(
       the metric rejects makes the selected updates NaN, since it cannot raise.
     metric: "sobolev", "sobolev_mean", "reweighted" or "l2".
     direction: "output" (the paper's method: the output-channel axis), "input"
-      (the other of the last two axes) or "spatial" (all axes before them,
-      Laplacians summed).
+      (the input-channel axis) or "spatial" (every axis that is neither a
+      channel nor a stacked axis, Laplacians summed), as the kernel's spec
+      lays them out (:class:`KernelSpec`).
     boundary: "periodic" (FFT) or "neumann" (DCT-II).
     scale: "unit" (the channel axis is the unit interval: one `lam` means the
       same relative smoothing at every width) or "grid" (spacing 1).
     kernels: which leaves to transform. None: :func:`conv_kernels`, a guess
-      from names and shapes. A tree, a prefix of the updates, of None/False
-      (leave alone), True (a Flax conv kernel), an output axis (-1 or -2) or a
-      :class:`KernelSpec`. Or a callable `updates -> such a tree`, such as
-      :func:`linen_conv_kernels` and :func:`nnx_conv_kernels` return.
+      from names and shapes (exact for Equinox convs). A tree, a prefix of the
+      updates, of None/False (leave alone), True (a Flax conv kernel), an
+      output axis or a :class:`KernelSpec` (any layout, OIHW included). Or a
+      callable `updates -> such a tree`, such as :func:`linen_conv_kernels`
+      and :func:`nnx_conv_kernels` return; through
+      `optax.inject_hyperparams` a callable needs
+      `static_args=("kernels",)`, or it is called with the step count (an
+      error names the fix). When an update selects no leaf at all, a
+      :class:`NoKernelsSelectedWarning` is issued at trace time (make it an
+      error with `warnings.filterwarnings("error", category=...)`).
     method: how `A^{-1}` is applied, all exact: "auto" (the fastest for the
       backend, the axis length and the metric), "fft", "matmul", "blocked" or
       "closed" (see :func:`metric_gradient`).
@@ -150,6 +110,25 @@ def channel_directed(
     `optax.EmptyState()` for a number and a :class:`ChannelDirectedState`
     (the step count) for a schedule. `update` never needs `params`.
 
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_cdg
+    >>> params = {"conv": {"kernel": jnp.zeros((3, 3, 1, 16)),
+    ...                    "bias": jnp.zeros(16)}}
+    >>> tx = optax.chain(optax_cdg.channel_directed(1e-2), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> # The highest channel frequency: +1, -1, +1, ... across the channels.
+    >>> grads = jax.tree.map(
+    ...     lambda p: jnp.ones_like(p) * (-1.0) ** jnp.arange(16), params)
+    >>> updates, state = tx.update(grads, state)
+    >>> # That frequency is damped 11-fold; the bias is left as it is.
+    >>> float(jnp.abs(updates["conv"]["kernel"]).max() / 0.1).__round__(3)
+    0.089
+    >>> bool(jnp.all(updates["conv"]["bias"] == -0.1 * grads["conv"]["bias"]))
+    True
+
   References:
     Lao et al., `Channel-Directed Gradients for Optimization of Convolutional
     Neural Networks <https://arxiv.org/abs/2008.10766>`_, 2020.
@@ -157,15 +136,15 @@ def channel_directed(
     Sundaramoorthi et al., `Sobolev Active Contours
     <https://doi.org/10.1007/s11263-006-0635-2>`_, IJCV 2007.
   """
-  _gains.check_choice("metric", metric, _gains.METRICS)
-  _gains.check_choice("direction", direction, _selection.DIRECTIONS)
-  _gains.check_choice("boundary", boundary, _gains.BOUNDARIES)
-  _gains.check_choice("scale", scale, _gains.SCALES)
-  _methods.check_method(method, metric)
+  _checks.check_option("metric", metric)
+  _checks.check_option("direction", direction, _selection.DIRECTIONS)
+  _checks.check_option("boundary", boundary)
+  _checks.check_option("scale", scale)
+  _checks.check_method(method, metric)
   is_schedule = callable(smoothing)
   if not is_schedule:
-    _gains.check_smoothing(smoothing, metric)
-  check_kernels(kernels)
+    smoothing = _checks.check_smoothing(smoothing, metric)
+  _selection.check_kernels(kernels)
 
   def init_fn(params):
     del params
@@ -176,17 +155,23 @@ def channel_directed(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     if is_schedule:
-      lam = smoothing(state.count)
+      lam = _checks.check_smoothing(smoothing(state.count), metric)
       state = ChannelDirectedState(count=optax.safe_increment(state.count))
     else:
       lam = smoothing
 
+    selected = []
+
     def transform(x, axes):
-      return _operator.metric_gradient(
+      selected.append(axes)
+      return _operator.apply(
           x, lam, metric=metric, axes=axes, boundary=boundary, scale=scale,
           method=method)
 
-    spec = resolve_kernels(kernels, updates)
-    return map_selected(transform, updates, spec, direction), state
+    spec = _selection.resolve_kernels(kernels, updates)
+    out = _selection.map_selected(transform, updates, spec, direction)
+    if not selected:  # at trace time: never an identity that looks like work
+      _selection.warn_nothing_selected(updates, kernels)
+    return out, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

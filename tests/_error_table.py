@@ -1,10 +1,10 @@
-"""The README's table of bad arguments, generated from real calls.
+"""The table of bad arguments in docs/errors.md, generated from real calls.
 
 Every row is Python code (statements separated by "; ", then an expression)
 that is run here; the table shows the exception it raises (type and message)
-or the value it returns. The test in
-test_error_table.py checks that README.md holds exactly this table, so the
-table cannot drift from the code. To regenerate it:
+or the value it returns. The test in test_error_table.py checks that
+docs/errors.md holds exactly this table, so the table cannot drift from the
+code. To regenerate it:
 
   PYTHONPATH=. python tests/_error_table.py --write
 """
@@ -82,7 +82,11 @@ ROWS = (
      '{"k": jnp.ones((3, 3, 2, 8), jnp.complex64)})', None),
     ("kernels", 'update(channel_directed(kernels={"k": True}), '
                 '{"k": jnp.ones(8)})', None),
-    ("kernels", 'update(channel_directed(kernels={"k": 0}), {"k": k})', None),
+    ("kernels", 'update(channel_directed(kernels={"k": 4}), {"k": k})', None),
+    ("kernels", 'update(channel_directed(direction="input", '
+                'kernels={"k": 0}), {"k": k})', None),
+    ("kernels", "update(optax.inject_hyperparams(channel_directed)"
+                "(kernels=conv_kernels), g)", None),
     ("kernels", 'update(channel_directed(kernels={"k": KernelSpec(-1, 3)}), '
                 '{"k": k})', None),
     ("kernels", 'update(channel_directed(direction="spatial", '
@@ -166,13 +170,14 @@ def table():
   return "\n".join(lines)
 
 
-def readme_path():
+def page_path():
   return os.path.join(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), "README.md")
+      os.path.abspath(__file__))), "docs", "errors.md")
 
 
-def readme_table():
-  text = open(readme_path(), encoding="utf-8").read()
+def page_table():
+  with open(page_path(), encoding="utf-8") as f:
+    text = f.read()
   match = re.search(re.escape(BEGIN) + ".*?" + re.escape(END), text, re.S)
   return text, match
 
@@ -180,11 +185,12 @@ def readme_table():
 if __name__ == "__main__":
   generated = table()
   if "--write" in sys.argv:
-    text, match = readme_table()
+    text, match = page_table()
     if match is None:
-      raise SystemExit(f"README.md has no {BEGIN!r} ... {END!r} section.")
+      raise SystemExit(f"docs/errors.md has no {BEGIN!r} ... {END!r} "
+                       "section.")
     text = text[:match.start()] + generated + text[match.end():]
-    with open(readme_path(), "w", encoding="utf-8") as f:
+    with open(page_path(), "w", encoding="utf-8") as f:
       f.write(text)
   else:
     print(generated)

@@ -128,3 +128,14 @@ def toy_task(seed=0, n=64):
     r, col = divmod(int(c), 2)
     x[i, 4 * r:4 * r + 3, 4 * col:4 * col + 3, 0] += 1.5
   return jnp.asarray(x), jnp.asarray(labels)
+
+
+def as_pure(state):
+  """`nnx.as_pure(state)`: the state's Variables replaced by their values.
+
+  flax < 0.12.7 has no `nnx.as_pure`; the same map serves there.
+  """
+  if hasattr(nnx, "as_pure"):
+    return nnx.as_pure(state)
+  return jax.tree.map(lambda v: v.get_value(), state,
+                      is_leaf=lambda v: isinstance(v, nnx.Variable))

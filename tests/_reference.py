@@ -1,4 +1,4 @@
-"""Dense float64 references, built from the definitions in cdg-math.md.
+"""Dense float64 references, built from the definitions in docs/math.md.
 
 Nothing here uses an FFT or a DCT: the metrics are assembled as explicit
 matrices from difference operators and solved with numpy.linalg.

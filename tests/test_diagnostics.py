@@ -129,6 +129,6 @@ class SpectrumTest(parameterized.TestCase):
     with pytest.raises(ValueError, match="prefix"):
       optax_cdg.channel_spectrum({"w": w}, {"v": True})
     with pytest.raises(ValueError, match="output axis"):
-      optax_cdg.channel_spectrum(w, 0)
+      optax_cdg.channel_spectrum(w, 4)
     with pytest.raises(TypeError, match="floating"):
       optax_cdg.channel_spectrum(jnp.ones((3, 3, 2, 4), jnp.int32), True)

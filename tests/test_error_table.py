@@ -1,13 +1,14 @@
-"""The README's table of bad arguments is exactly what the code does."""
+"""The table of bad arguments in docs/errors.md is what the code does."""
 
 import _error_table
 
 
-def test_readme_table_matches_the_code():
-  text, match = _error_table.readme_table()
-  assert match is not None, "README.md lost its generated bad-arguments table"
+def test_page_table_matches_the_code():
+  _, match = _error_table.page_table()
+  assert match is not None, (
+      "docs/errors.md lost its generated bad-arguments table")
   assert match.group(0) == _error_table.table(), (
-      "README.md's bad-arguments table is out of date: run "
+      "docs/errors.md's bad-arguments table is out of date: run "
       "`PYTHONPATH=. python tests/_error_table.py --write`.")
 
 

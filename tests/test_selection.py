@@ -12,7 +12,7 @@ import pytest
 import optax_cdg
 from optax_cdg import _selection
 from _models import (LINEN_MIXED_CONVS, LINEN_MIXED_INPUT, LinenCNN,
-                     LinenMixed, NNX_MIXED_CONVS, NNXMixed)
+                     LinenMixed, NNX_MIXED_CONVS, NNXMixed, as_pure)
 
 
 def _selected(spec_tree):
@@ -49,7 +49,7 @@ class HeuristicTest(parameterized.TestCase):
   def test_nnx_states_of_variables_and_pure_states(self):
     model = NNXMixed(nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
-    for tree in (state, nnx.as_pure(state)):
+    for tree in (state, as_pure(state)):
       got = set(_selected(optax_cdg.conv_kernels(tree)))
       assert set(NNX_MIXED_CONVS) <= got
       assert not any("attn" in p for p in got)
@@ -87,7 +87,7 @@ class ExactHelpersTest(parameterized.TestCase):
     state = nnx.state(model, nnx.Param)
     want = {p: optax_cdg.KernelSpec(*v) for p, v in NNX_MIXED_CONVS.items()}
     assert _selected(sel(state)) == want
-    assert _selected(sel(nnx.as_pure(state))) == want
+    assert _selected(sel(as_pure(state))) == want
 
   def test_wrong_tree_is_an_error(self):
     sel = optax_cdg.linen_conv_kernels(LinenCNN(), jnp.ones((1, 8, 8, 1)))
@@ -118,13 +118,41 @@ class ResolveSpecTest(parameterized.TestCase):
       ("not_selected", False, "output", None),
       ("none", None, "output", None),
       ("numpy_bool", np.bool_(True), "output", (3,)),
+      # Any layout (the old main refused output axes 0 and 1).
+      ("oihw_output", 0, "output", (0,)),
+      ("oihw_spec_output", optax_cdg.KernelSpec(0, input_axis=1), "output",
+       (0,)),
+      ("oihw_input", optax_cdg.KernelSpec(0, input_axis=1), "input", (1,)),
+      ("oihw_spatial", optax_cdg.KernelSpec(0, input_axis=1), "spatial",
+       (2, 3)),
+      ("hwoi_input", optax_cdg.KernelSpec(-2, input_axis=-1), "input", (3,)),
+      ("middle_spatial", optax_cdg.KernelSpec(1, input_axis=3), "spatial",
+       (0, 2)),
+      ("stacked_oihw_spatial", optax_cdg.KernelSpec(1, 1, 2), "spatial",
+       (3,)),
+      ("stacked_oihw_input", optax_cdg.KernelSpec(1, 1, 2), "input", (2,)),
   )
   def test_axes(self, spec, direction, axes):
     leaf = jnp.ones((3, 3, 4, 8))
     assert _selection.resolve_spec(spec, (), leaf, direction) == axes
 
   @parameterized.named_parameters(
-      ("axis", 0, (3, 3, 4, 8), "output", ValueError, "one of the last two"),
+      ("axis", 4, (3, 3, 4, 8), "output", ValueError,
+       r"output axis 4 .*allowed -4 \.\. 3"),
+      ("input_axis", optax_cdg.KernelSpec(0, input_axis=-5), (3, 3, 4, 8),
+       "input", ValueError, "input axis -5"),
+      ("no_input_axis", 0, (8, 4, 3, 3), "input", ValueError,
+       r"needs the input-channel axis.*input_axis=1"),
+      ("no_input_axis_spatial", optax_cdg.KernelSpec(1), (8, 4, 3, 3),
+       "spatial", ValueError, "input_axis=2"),
+      ("same_axes", optax_cdg.KernelSpec(0, input_axis=-4), (8, 4, 3, 3),
+       "spatial", ValueError, "must differ"),
+      ("output_stacked", optax_cdg.KernelSpec(0, 1, 2), (2, 8, 4, 3),
+       "output", ValueError, "output axis 0 .* stacked"),
+      ("input_stacked", optax_cdg.KernelSpec(1, 1, 0), (2, 8, 4, 3),
+       "input", ValueError, "input axis 0 .* stacked"),
+      ("bool_axis", optax_cdg.KernelSpec(True), (8, 4, 3, 3), "output",
+       ValueError, "output axis True"),
       ("stacked", optax_cdg.KernelSpec(-1, 3), (3, 3, 4, 8), "output",
        ValueError, "stacked_axes=3"),
       ("no_spatial", True, (4, 8), "spatial", ValueError, "spatial axes"),
@@ -139,3 +167,25 @@ class ResolveSpecTest(parameterized.TestCase):
     with pytest.raises(TypeError, match="real floating-point"):
       _selection.resolve_spec(True, (), jnp.ones((3, 4, 8), jnp.int32),
                               "output")
+
+
+class StepCountTest(parameterized.TestCase):
+  """What optax.inject_hyperparams hands a callable `kernels`: the count."""
+
+  def test_conv_kernels_names_static_args(self):
+    count = jnp.zeros([], jnp.int32)
+    with pytest.raises(TypeError, match=r"conv_kernels was called with "
+                       r"Array\(0, dtype=int32\).*static_args"):
+      optax_cdg.conv_kernels(count)
+    with pytest.raises(TypeError, match="static_args"):
+      jax.jit(optax_cdg.conv_kernels)(count)  # a traced count too
+
+  def test_helpers_name_static_args(self):
+    sel = optax_cdg.linen_conv_kernels(LinenCNN(), jnp.ones((1, 8, 8, 1)))
+    with pytest.raises(TypeError, match="linen module LinenCNN was called "
+                       "with.*static_args"):
+      sel(jnp.zeros([], jnp.int32))
+
+  def test_scalar_float_leaf_is_still_a_tree(self):
+    # Only an integer scalar is taken for a step count.
+    assert optax_cdg.conv_kernels(jnp.ones([])) is False

@@ -1,6 +1,7 @@
 """Tests of optax_cdg.channel_directed inside Optax and Flax pipelines."""
 
 import functools
+import warnings
 
 from absl.testing import parameterized
 import chex
@@ -13,7 +14,8 @@ import optax
 import pytest
 
 import optax_cdg
-from _models import (LINEN_MIXED_CONVS, LINEN_MIXED_INPUT, LinenCNN,
+import _reference
+from _models import (LINEN_MIXED_CONVS, LINEN_MIXED_INPUT, LinenCNN, as_pure,
                      LinenMixed, NNX_MIXED_CONVS, NNXMixed, toy_task)
 
 STATIC = ("metric", "direction", "boundary", "scale", "kernels")
@@ -285,9 +287,9 @@ class ComposeTest(parameterized.TestCase):
 
     step(model, opt)
     g = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(before)
-    g = nnx.as_pure(nnx.state(g, nnx.Param))
-    old = nnx.as_pure(nnx.state(before, nnx.Param))
-    new = nnx.as_pure(nnx.state(model, nnx.Param))
+    g = as_pure(nnx.state(g, nnx.Param))
+    old = as_pure(nnx.state(before, nnx.Param))
+    new = as_pure(nnx.state(model, nnx.Param))
     step_taken = jax.tree.map(lambda a, b: a - b, old, new)
     for path, (axis, _) in NNX_MIXED_CONVS.items():
       gk = g[path[0]]["kernel"]
@@ -374,8 +376,8 @@ class BadInputTest(parameterized.TestCase):
       tx.update({"k": jnp.ones((3, 2, 2), jnp.int32)}, optax.EmptyState())
 
   def test_selected_axis_out_of_range(self):
-    tx = optax_cdg.channel_directed(kernels={"k": 0})
-    with pytest.raises(ValueError, match="output axis 0 at k"):
+    tx = optax_cdg.channel_directed(kernels={"k": 3})
+    with pytest.raises(ValueError, match="output axis 3 at k"):
       tx.update({"k": jnp.ones((3, 2, 2))}, optax.EmptyState())
 
   def test_bias_selected_through_a_prefix(self):
@@ -391,3 +393,114 @@ class BadInputTest(parameterized.TestCase):
       tx.update(grads, tx.init(grads))
     out, _ = jax.jit(tx.update)(grads, tx.init(grads))
     assert np.all(np.isnan(out["conv"]["kernel"]))
+
+
+class NoSilentNoOpTest(parameterized.TestCase):
+  """The four ways the old main trained with CDG silently off."""
+
+  def _dense_only(self):
+    return {"Dense_0": {"kernel": jnp.ones((4, 8)), "bias": jnp.ones(8)},
+            "Dense_1": {"kernel": jnp.ones((8, 2))}}
+
+  @parameterized.named_parameters(
+      ("dense_only", None, "Dense_0/bias"),
+      ("haiku_names", None, "conv2_d/w"),
+      ("explicit_tree", {"conv2_d": False}, "the kernels tree"),
+      ("callable", lambda u: jax.tree.map(lambda _: False, u), "called on"),
+  )
+  def test_warns_once_at_trace_time(self, kernels, message):
+    grads = ({"conv2_d": {"w": jnp.ones((3, 3, 2, 8)), "b": jnp.ones(8)}}
+             if message != "Dense_0/bias" else self._dense_only())
+    tx = optax_cdg.channel_directed(kernels=kernels)
+    update = jax.jit(tx.update)
+    with pytest.warns(optax_cdg.NoKernelsSelectedWarning,
+                      match=message) as record:
+      out, _ = update(grads, tx.init(grads))
+      update(grads, tx.init(grads))  # cached: not traced, not warned again
+    assert len(record) == 1
+    assert "static_args" in str(record[0].message)
+    assert "KernelSpec(output_axis=0, input_axis=1)" in str(record[0].message)
+    chex.assert_trees_all_equal(out, grads)
+
+  def test_can_be_made_an_error(self):
+    grads = self._dense_only()
+    tx = optax_cdg.channel_directed()
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", optax_cdg.NoKernelsSelectedWarning)
+      with pytest.raises(optax_cdg.NoKernelsSelectedWarning,
+                         match="selected no leaf"):
+        tx.update(grads, tx.init(grads))
+
+  def test_no_warning_when_something_is_selected_or_nothing_could_be(self):
+    _, variables = _cnn()
+    grads = _random_like(variables["params"])
+    tx = optax_cdg.channel_directed()
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", optax_cdg.NoKernelsSelectedWarning)
+      tx.update(grads, tx.init(grads))
+      tx.update({}, tx.init({}))
+      tx.update({"a": None, "b": optax.MaskedNode()}, optax.EmptyState())
+
+  def test_callable_kernels_through_inject_hyperparams_names_static_args(self):
+    _, variables = _cnn()
+    grads = _random_like(variables["params"])
+    # The old main returned the gradients unchanged here.
+    tx = optax.inject_hyperparams(optax_cdg.channel_directed)(
+        smoothing=1e-2, kernels=lambda u: optax_cdg.conv_kernels(u))
+    with pytest.raises(TypeError, match=r'static_args=\("kernels",\)'):
+      tx.init(variables["params"])
+    # With static_args it works, and equals the plain transform.
+    tx = optax.inject_hyperparams(optax_cdg.channel_directed,
+                                  static_args=("kernels",))(
+        smoothing=1e-2, kernels=lambda u: optax_cdg.conv_kernels(u))
+    out, _ = jax.jit(tx.update)(grads, tx.init(variables["params"]))
+    want, _ = optax_cdg.channel_directed(1e-2).update(grads,
+                                                      optax.EmptyState())
+    chex.assert_trees_all_close(out, want, atol=1e-6)
+    assert not np.allclose(out["Conv_1"]["kernel"], grads["Conv_1"]["kernel"])
+
+  def test_helper_through_inject_hyperparams_names_static_args(self):
+    model = NNXMixed(nnx.Rngs(0))
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    tx = optax.inject_hyperparams(optax_cdg.channel_directed)(
+        smoothing=1e-2, kernels=optax_cdg.nnx_conv_kernels(model))
+    # The old main blamed the tree ("none of the 5 conv kernels recorded").
+    with pytest.raises(TypeError, match=r"nnx model NNXMixed was called with "
+                       r"Array\(0, dtype=int32\).*static_args"):
+      tx.init(params)
+
+  def test_array_kernels_value_names_static_args(self):
+    # What a callable that computes with its argument returns for a count.
+    with pytest.raises(TypeError, match="static_args"):
+      optax_cdg.channel_directed(kernels=jnp.asarray(False))
+
+
+class AnyLayoutTest(parameterized.TestCase):
+  """OIHW (Equinox, PyTorch ports) and other layouts, against the reference."""
+
+  @parameterized.product(direction=("output", "input", "spatial"),
+                         stacked=(0, 1))
+  def test_oihw_matches_dense_reference(self, direction, stacked):
+    shape = (2,) * stacked + (12, 5, 3, 4)
+    g = jnp.asarray(np.random.default_rng(3).standard_normal(shape),
+                    jnp.float32)
+    spec = optax_cdg.KernelSpec(output_axis=stacked, stacked_axes=stacked,
+                                input_axis=stacked + 1)
+    tx = optax_cdg.channel_directed(2e-2, direction=direction,
+                                    kernels={"w": spec})
+    out, _ = jax.jit(tx.update)({"w": g}, optax.EmptyState())
+    axes = {"output": (stacked,), "input": (stacked + 1,),
+            "spatial": (stacked + 2, stacked + 3)}[direction]
+    sizes = [shape[a] for a in axes]
+    want = _reference.apply_dense(
+        g, axes, _reference.metric_matrix(sizes, 2e-2, "sobolev"))
+    np.testing.assert_allclose(out["w"], want, rtol=1e-5, atol=1e-5)
+
+  def test_int_output_axis_zero(self):
+    # The old main refused it ("must be one of the last two axes").
+    g = jnp.asarray(np.random.default_rng(4).standard_normal((8, 4, 3, 3)),
+                    jnp.float32)
+    out, _ = optax_cdg.channel_directed(1e-2, kernels=0).update(
+        g, optax.EmptyState())
+    np.testing.assert_allclose(
+        out, optax_cdg.metric_gradient(g, 1e-2, axes=(0,)), rtol=1e-6)

@@ -1,0 +1,99 @@
+"""Tests of the argument checks (optax_cdg/_checks.py) through the public API."""
+
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_cdg
+
+
+class OptionHintTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ("metric", "Sobolev", "sobolev"),
+      ("metric", "H1", "sobolev"),
+      ("metric", "h~1", "sobolev_mean"),
+      ("metric", "reweigted", "reweighted"),
+      ("metric", "L2", "l2"),
+      ("boundary", "Neuman", "neumann"),
+      ("boundary", "circular", "periodic"),
+      ("scale", "Grid", "grid"),
+      ("method", "FFT", "fft"),
+      ("method", "dense", "matmul"),
+  )
+  def test_misspelt_option_names_the_likely_one(self, name, value, hint):
+    kwargs = {name: value}
+    with pytest.raises(ValueError) as info:
+      optax_cdg.metric_gradient(jnp.ones((2, 8)), 0.1, **kwargs)
+    message = str(info.value)
+    assert message.startswith(f"{name}={value!r} is not supported"), message
+    assert message.endswith(f"Did you mean {hint!r}?"), message
+
+  def test_direction_and_every_entry_point(self):
+    for call in (lambda: optax_cdg.channel_directed(direction="Output"),
+                 lambda: optax_cdg.channel_directed(metric="Sobolev"),
+                 lambda: optax_cdg.spectral_gain(8, 0.1, metric="H1"),
+                 lambda: optax_cdg.channel_spectrum({}, boundary="Periodic"),
+                 lambda: optax_cdg.laplacian_smoothing(method="Blocked")):
+      with pytest.raises(ValueError, match="Did you mean '[a-z_]+'\\?$"):
+        call()
+
+  @parameterized.parameters("qr", "xyz", None, 3)
+  def test_no_hint_when_nothing_is_close(self, value):
+    with pytest.raises(ValueError) as info:
+      optax_cdg.metric_gradient(jnp.ones((2, 8)), 0.1, method=value)
+    assert "Did you mean" not in str(info.value)
+    assert f"method={value!r} is not supported" in str(info.value)
+
+
+class ComplexSmoothingTest(parameterized.TestCase):
+  """optax.inject_hyperparams casts smoothing to the params' widest dtype."""
+
+  def _params(self):
+    rng = np.random.default_rng(0)
+    return {"conv": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 4, 16)),
+                                           jnp.float32)},
+            "phase": jnp.ones((3,), jnp.complex64)}
+
+  def test_inject_hyperparams_with_a_complex_leaf(self):
+    params = self._params()
+    tx = optax.inject_hyperparams(optax_cdg.channel_directed)(smoothing=1e-3)
+    state = tx.init(params)
+    assert state.hyperparams["smoothing"].dtype == jnp.complex64
+    grads = jax.tree.map(jnp.ones_like, params)
+    grads["conv"]["kernel"] = params["conv"]["kernel"]
+    out, _ = jax.jit(tx.update)(grads, state)
+    plain = optax_cdg.channel_directed(1e-3)
+    ref, _ = plain.update(grads, plain.init(params))
+    np.testing.assert_allclose(out["conv"]["kernel"], ref["conv"]["kernel"],
+                               rtol=1e-6, atol=1e-6)
+    assert out["phase"] is grads["phase"] or np.array_equal(out["phase"],
+                                                            grads["phase"])
+
+  def test_concrete_complex(self):
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 16)),
+                    jnp.float32)
+    np.testing.assert_array_equal(
+        optax_cdg.metric_gradient(x, np.complex64(0.01)),
+        optax_cdg.metric_gradient(x, np.float32(0.01)))
+    np.testing.assert_array_equal(
+        optax_cdg.metric_gradient(x, 0.01 + 0j),
+        optax_cdg.metric_gradient(x, 0.01))
+    with pytest.raises(ValueError, match="non-zero imaginary part"):
+      optax_cdg.metric_gradient(x, 0.01 + 1e-3j)
+    with pytest.raises(ValueError, match="smoothing=.* imaginary"):
+      optax_cdg.channel_directed(jnp.asarray(0.1 + 0.5j))
+
+  @parameterized.parameters("sobolev", "sobolev_mean", "reweighted")
+  def test_traced_complex(self, metric):
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 16)),
+                    jnp.float32)
+    lam = 0.02 if metric != "reweighted" else 3.0
+    f = jax.jit(lambda g, s: optax_cdg.metric_gradient(g, s, metric=metric))
+    np.testing.assert_allclose(f(x, jnp.complex64(lam)),
+                               f(x, jnp.float32(lam)), rtol=0, atol=0)
+    # A non-zero imaginary part cannot raise under a trace: loud NaN.
+    assert np.all(np.isnan(f(x, jnp.complex64(lam + 0.1j))))
