@@ -151,7 +151,13 @@ def batch_indices(step: int, steps_per_epoch: int, batch_size: int, n: int,
 
 
 def _checkpointer(directory: str, every: int):
-  import orbax.checkpoint as ocp  # the "test" extra; only with checkpoints
+  try:
+    import orbax.checkpoint as ocp  # needed only with --checkpoint-dir
+  except ImportError as e:
+    raise ImportError("--checkpoint-dir needs orbax-checkpoint (pip install "
+                      "orbax-checkpoint, or the project's test extra).") from e
+  if every < 1:
+    raise ValueError(f"--checkpoint-every={every} must be >= 1.")
   return ocp, ocp.CheckpointManager(
       os.path.abspath(directory),
       options=ocp.CheckpointManagerOptions(
@@ -163,6 +169,9 @@ def main(args: argparse.Namespace) -> dict:
   """Trains; returns {"losses", "variables"} (variables gathered to host)."""
   args = argparse.Namespace(**{**vars(_parser().parse_args([])),
                                **vars(args)})
+  if args.num_processes > 1 and not args.coordinator:
+    raise ValueError(f"--num-processes={args.num_processes} needs "
+                     "--coordinator HOST:PORT (process 0's address).")
   if args.coordinator and not jax.distributed.is_initialized():
     join(args)
   n = jax.device_count()
