@@ -133,12 +133,13 @@ def make_tx(total_steps: int, *, cdg: bool, kernels: Any = None,
             momentum: float = 0.9, weight_decay: float = 5e-4
             ) -> optax.GradientTransformation:
   """SGD with cosine decay and coupled weight decay, CDG first if `cdg`."""
-  parts = [optax.add_decayed_weights(weight_decay),
-           optax.sgd(optax.cosine_decay_schedule(lr, total_steps), momentum)]
+  schedule = optax.cosine_decay_schedule(lr, total_steps)
   if cdg:
-    parts.insert(0, optax_cdg.channel_directed(smoothing, metric=metric,
-                                               kernels=kernels))
-  return optax.chain(*parts)
+    return optax_cdg.cdg_sgd(schedule, momentum, weight_decay=weight_decay,
+                             smoothing=smoothing, metric=metric,
+                             kernels=kernels)
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(schedule, momentum))
 
 
 @jax.jit

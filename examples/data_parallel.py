@@ -188,8 +188,7 @@ def main(args: argparse.Namespace) -> dict:
   model = SmallCNN()
   smoothing = (optax_cdg.DEFAULT_SMOOTHING if args.smoothing is None
                else args.smoothing)
-  tx = optax.chain(optax_cdg.channel_directed(smoothing),
-                   optax.sgd(args.lr, momentum=0.9))
+  tx = optax_cdg.cdg_sgd(args.lr, momentum=0.9, smoothing=smoothing)
 
   # Every process computes the same initialization on its own device.
   variables = jax.device_get(

@@ -23,9 +23,8 @@ def main() -> None:
   model = SmallCNN()
   runs = {
       "baseline": optax.sgd(args.lr, momentum=0.9),
-      "cdg": optax.chain(
-          optax_cdg.channel_directed(args.smoothing, metric=args.metric),
-          optax.sgd(args.lr, momentum=0.9)),
+      "cdg": optax_cdg.cdg_sgd(args.lr, momentum=0.9,
+                               smoothing=args.smoothing, metric=args.metric),
   }
   total = args.epochs * steps_per_epoch(len(data["train"].x), args.batch_size)
   results = {}
