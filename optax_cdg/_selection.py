@@ -431,7 +431,7 @@ def nnx_conv_kernels(model: Any) -> PathSelection:
     ...                                 rngs=rngs)
     >>> model = Net(nnx.Rngs(0))
     >>> kernels = optax_cdg.nnx_conv_kernels(model)
-    >>> spec = kernels(nnx.as_pure(nnx.state(model, nnx.Param)))
+    >>> spec = kernels(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     >>> spec["up"]["kernel"].output_axis, spec["conv"]["bias"]
     (-2, False)
     >>> tx = optax.chain(optax_cdg.channel_directed(kernels=kernels),

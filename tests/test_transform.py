@@ -461,7 +461,7 @@ class NoSilentNoOpTest(parameterized.TestCase):
 
   def test_helper_through_inject_hyperparams_names_static_args(self):
     model = NNXMixed(nnx.Rngs(0))
-    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    params = as_pure(nnx.state(model, nnx.Param))
     tx = optax.inject_hyperparams(optax_cdg.channel_directed)(
         smoothing=1e-2, kernels=optax_cdg.nnx_conv_kernels(model))
     # The old main blamed the tree ("none of the 5 conv kernels recorded").
