@@ -12,8 +12,8 @@ from optax_cdg import _checks
 from optax_cdg import _operator
 from optax_cdg import _selection
 
-# From the seeded, learning-rate-tuned comparison in README.md ("Default
-# smoothing"): no smoothing beat the baseline there, and 1e-4 is the "sobolev"
+# From the seeded, learning-rate-tuned comparison on MNIST digits in
+# docs/evidence.md: no smoothing beat the baseline there, and 1e-4 is the "sobolev"
 # value that did the least harm for both SGD and AdamW while still damping the
 # high channel frequencies of wide layers.
 DEFAULT_SMOOTHING = 1e-4
@@ -78,7 +78,7 @@ def channel_directed(
     smoothing: `lam`, a number or a schedule (a callable of the step count).
       The default, `DEFAULT_SMOOTHING = 1e-4`, did the least harm among the
       "sobolev" values of a seeded comparison in which no smoothing improved
-      test accuracy (README, "Default smoothing").
+      test accuracy on MNIST digits (docs/evidence.md).
       "sobolev" needs `lam >= 0`, "sobolev_mean" and "reweighted" `lam > 0`.
       A traced value (`optax.inject_hyperparams`, a schedule under jit) that
       the metric rejects makes the selected updates NaN, since it cannot raise.
