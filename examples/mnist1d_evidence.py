@@ -28,10 +28,13 @@ Phases (the full mode runs them in this order, decisive comparisons first):
              least 50 %; chance is 10 %).
   mechanism  width 128, Adam 1e-2, seed 0, 300 steps: the channel-mean
              share of kernels and updates, dead ReLU channels, per method.
-  decisive   baseline, the current default and the candidate defaults at
+  decisive   baseline, the former default and the candidate defaults at
              widths 32/64/128 with AdamW and SGD-momentum, every learning
              rate of the grid, 5 paired seeds; the learning rate of each
              method is chosen on validation.
+  confirm    the baseline and the default, each at the rate it chose in
+             its decisive cell, with 20 paired seeds (the decisive 5 and 15
+             more): an interval near +-0.3 points where 5 seeds give +-1.
   edge       the stability grid above the usual rates (Adam 2e-2, 5e-2;
              SGD 0.3, 1.0): where training breaks, with and without CDG.
   sweep      at width 64: the three metrics over a smoothing sweep along the
@@ -276,7 +279,12 @@ class Method:
     return float(np.min(np.asarray(g)))
 
 
-CURRENT_DEFAULT = Method("cdg", "sobolev", "unit", optax_cdg.DEFAULT_SMOOTHING)
+# The default this comparison was built to test ("sobolev", scale "unit",
+# 1e-4, whose damping grows with the width); pinned, since the run cache is
+# labelled by it and the evidence replaced it (optax_cdg.DEFAULT_SCALE).
+FORMER_DEFAULT = Method("cdg", "sobolev", "unit", 1e-4)
+DEFAULT = Method("cdg", "sobolev", optax_cdg.DEFAULT_SCALE,
+                 optax_cdg.DEFAULT_SMOOTHING)
 # Candidate defaults. "grid" scale keeps the damping of the top frequency
 # fixed as the width grows (1 / (1 + 4 lam)) where "unit" makes it grow as
 # N^2; a smaller "unit" lam; the re-weighted metric, width-independent too.
@@ -527,6 +535,25 @@ class Job:
   seeds: tuple[int, ...]
 
 
+CONFIRM_SEEDS = 20  # paired seeds of the confirm phase (the first 5 reused)
+
+
+def resolve(job: Job, index: dict, confirm_seeds: int = CONFIRM_SEEDS
+            ) -> Job | None:
+  """A confirm job at the rate its method chose (mean validation accuracy
+  over the decisive seeds) with `confirm_seeds` seeds; None while the
+  decisive members are missing. Any other job is returned as it is."""
+  if job.phase != "confirm":
+    return job
+  members = index.get(job.setting.name, {}).get(job.method.spec, {})
+  if not _complete(members, job.lrs, job.seeds):
+    return None
+  lr = select_lr({lr: [members[(lr, s)]["val_acc"] for s in job.seeds]
+                  for lr in job.lrs})
+  return Job("confirm", job.setting, job.method, (lr,),
+             tuple(range(confirm_seeds)))
+
+
 STABILITY_LR = {"adam": (1e-3, 2e-3, 5e-3, 1e-2),
                 "sgd": (0.01, 0.03, 0.1)}
 # Accuracy grids bracket the best rate seen in the stability grid (its top
@@ -543,7 +570,7 @@ def plan(quick: bool, candidates: Sequence[str], widths: Sequence[int],
          optimizers: Sequence[str] | None = None) -> list[Job]:
   """The jobs in the order they run (decisive comparisons first);
   `optimizers` keeps only the jobs of those optimizers."""
-  base, default = Method("baseline"), CURRENT_DEFAULT
+  base, default = Method("baseline"), FORMER_DEFAULT
   cands = [Method.parse(c) for c in candidates]
   if quick:
     cands = cands[:2]
@@ -576,6 +603,15 @@ def plan(quick: bool, candidates: Sequence[str], widths: Sequence[int],
       for opt in ("adamw", "sgd"):
         for m in finalists:
           jobs.append(Job("decisive", Setting("cnn", w, opt, steps), m,
+                          SWEEP_LR[opt], seeds))
+  if "confirm" in phases and not quick:
+    # More seeds for the baseline and the default, each at the rate it chose
+    # on the decisive seeds: the rate is known only once those have run, so
+    # the job holds the decisive grid and seeds until `resolve` fixes it.
+    for w in decisive_widths:
+      for opt in ("adamw", "sgd"):
+        for m in (base, DEFAULT):
+          jobs.append(Job("confirm", Setting("cnn", w, opt, steps), m,
                           SWEEP_LR[opt], seeds))
   if "edge" in phases:
     for w in stab_widths:
@@ -617,7 +653,7 @@ def plan(quick: bool, candidates: Sequence[str], widths: Sequence[int],
   for j in jobs:
     if optimizers and j.setting.optimizer not in optimizers:
       continue
-    key = (j.setting, j.method, j.lrs, j.seeds)
+    key = (j.setting, j.method, j.lrs, j.seeds, j.phase == "confirm")
     if key not in seen:
       seen.add(key)
       out.append(j)
@@ -789,15 +825,18 @@ def collapses(rows: Sequence[dict], usual_only: bool = False) -> list[dict]:
 
 
 def comparison_table(index: dict, setting: Setting, methods: Sequence[Method],
-                     lrs, seeds) -> dict:
+                     lrs, seeds, fixed_lr: dict | None = None) -> dict:
   """Each complete method at its learning rate chosen on mean validation
-  accuracy; test (and validation) paired deltas to the baseline."""
+  accuracy (or at `fixed_lr[method]`); test (and validation) paired deltas
+  to the baseline."""
   by = index.get(setting.name, {})
   rows, pending = [], []
-  done = [m for m in methods if _complete(by.get(m.spec, {}), lrs, seeds)]
+  grid = {m: lrs if fixed_lr is None else (fixed_lr[m],) for m in methods}
+  done = [m for m in methods
+          if _complete(by.get(m.spec, {}), grid[m], seeds)]
   pending = [m.spec for m in methods if m not in done]
   chosen = {m: select_lr({lr: [by[m.spec][(lr, s)]["val_acc"]
-                               for s in seeds] for lr in lrs})
+                               for s in seeds] for lr in grid[m]})
             for m in done}
   base = Method("baseline")
   for m in done:
@@ -806,11 +845,13 @@ def comparison_table(index: dict, setting: Setting, methods: Sequence[Method],
     test = [r["test_acc"] for r in rec]
     val = [r["val_acc"] for r in rec]
     row = {"method": m.spec, "learning_rate": lr,
-           "lr_at_grid_edge": len(lrs) > 1 and lr in (lrs[0], lrs[-1]),
+           "lr_at_grid_edge": (fixed_lr is None and len(lrs) > 1
+                               and lr in (lrs[0], lrs[-1])),
            "top_gain": m.top_gain(setting.width), "seeds": list(seeds),
            "test_acc_per_seed": test, "val_acc_per_seed": val,
            "val_acc_mean_by_lr": {str(g): float(np.mean(
-               [by[m.spec][(g, s)]["val_acc"] for s in seeds])) for g in lrs},
+               [by[m.spec][(g, s)]["val_acc"] for s in seeds]))
+               for g in grid[m]},
            "seconds_per_run": float(np.mean([r["seconds"] for r in rec])),
            "val_curve_mean": np.mean([r["val_curve"] for r in rec],
                                      0).tolist()}
@@ -964,7 +1005,7 @@ def markdown(results: dict) -> str:
 
 def plot_width(results: dict, path: str, candidates: Sequence[str]) -> None:
   """Paired test delta against width of the best CDG setting (chosen on
-  validation) and of the current default, per optimizer, 95 % intervals."""
+  validation) and of the former default, per optimizer, 95 % intervals."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -975,7 +1016,8 @@ def plot_width(results: dict, path: str, candidates: Sequence[str]) -> None:
   fig, axes = plt.subplots(1, max(1, len(opts)), squeeze=False,
                            figsize=(5 * max(1, len(opts)), 3.6))
   for ax, opt in zip(axes[0], opts):
-    series = {"best CDG (by validation)": [], "current default": []}
+    series = {"best CDG (by validation)": [], "former default": [],
+              "default": []}
     for t in sorted((t for t in tables if t["setting"]["optimizer"] == opt),
                     key=lambda t: t["setting"]["width"]):
       cdg = [r for r in t["rows"] if r["method"] in candidates
@@ -983,15 +1025,16 @@ def plot_width(results: dict, path: str, candidates: Sequence[str]) -> None:
       if not cdg:
         continue
       best = max(cdg, key=lambda r: r["val_acc_mean"])
-      cur = next((r for r in cdg if r["method"] == CURRENT_DEFAULT.spec),
-                 None)
       w = t["setting"]["width"]
       series["best CDG (by validation)"].append((w, best))
-      if cur is not None:
-        series["current default"].append((w, cur))
+      for name, spec in (("former default", FORMER_DEFAULT.spec),
+                         ("default", DEFAULT.spec)):
+        row = next((r for r in cdg if r["method"] == spec), None)
+        if row is not None:
+          series[name].append((w, row))
     for k, (name, pts) in enumerate(series.items()):
       if pts:
-        x = [p[0] * (1.03 if k else 0.97) for p in pts]
+        x = [p[0] * (0.96, 1.0, 1.04)[k] for p in pts]
         ax.errorbar(x, [100 * p[1]["delta_mean"] for p in pts],
                     yerr=[100 * (p[1]["delta_ci95"] or 0) for p in pts],
                     marker="o", capsize=3, label=name)
@@ -1048,6 +1091,8 @@ def report(jobs: Sequence[Job], cache: Cache, out: str, results_dir: str,
   records = cache.all_records()
   index = _index(records)
   stab = stability_table(index, jobs)
+  confirm = [j for j in jobs if j.phase == "confirm"]
+  jobs = [j for j in jobs if j.phase != "confirm"]
   tables = []
   seen = set()
   for j in jobs:  # one table per setting, named after its first phase
@@ -1058,6 +1103,19 @@ def report(jobs: Sequence[Job], cache: Cache, out: str, results_dir: str,
     t = comparison_table(index, j.setting, methods, j.lrs, j.seeds)
     t["phase"] = j.phase
     tables.append(t)
+  resolved = [(j, resolve(j, index)) for j in confirm]
+  for setting in dict.fromkeys(j.setting for j in confirm):
+    cell = [(j, r) for j, r in resolved if j.setting == setting]
+    if any(r is None for _, r in cell):
+      continue  # reported once every method's rate is known
+    t = comparison_table(index, setting, [j.method for j, _ in cell], (),
+                         cell[0][1].seeds,
+                         fixed_lr={j.method: r.lrs[0] for j, r in cell})
+    t["phase"] = "confirm"
+    tables.append(t)
+  # A confirm job not yet resolved counts as its seeds at one rate.
+  jobs += [r or Job("confirm", j.setting, j.method, (math.nan,),
+                    tuple(range(CONFIRM_SEEDS))) for j, r in resolved]
   planned = sum(len(j.lrs) * len(j.seeds) for j in jobs)
   finished = sum(1 for j in jobs for lr in j.lrs for s in j.seeds
                  if (lr, s) in index.get(j.setting.name, {}).get(
@@ -1103,8 +1161,8 @@ def report(jobs: Sequence[Job], cache: Cache, out: str, results_dir: str,
 # ----------------------------------------------------------------------- main
 
 
-PHASES = ("mechanism", "stability", "reported", "decisive", "edge", "sweep",
-          "resnet")
+PHASES = ("mechanism", "stability", "reported", "decisive", "confirm",
+          "edge", "sweep", "resnet")
 
 
 def parse_args(argv=None):
@@ -1160,18 +1218,21 @@ def main(argv=None) -> dict:
     raise ValueError(f"--phases: {bad} not in {PHASES}.")
   widths = [int(w) for w in args.widths.split(",")]
   candidates = [s.strip() for s in args.candidates.split(",") if s.strip()]
-  cand_methods = [CURRENT_DEFAULT] + [Method.parse(c) for c in candidates]
+  cand_methods = [FORMER_DEFAULT] + [Method.parse(c) for c in candidates]
   jobs = plan(args.quick, candidates, widths, phases, steps=args.steps,
               stability_steps=args.stability_steps, seeds=args.seeds,
               optimizers=[o.strip() for o in (args.optimizers or "").split(
                   ",") if o.strip()])
-  n_runs = sum(len(j.lrs) * len(j.seeds) for j in jobs)
+  n_runs = sum(CONFIRM_SEEDS if j.phase == "confirm"
+               else len(j.lrs) * len(j.seeds) for j in jobs)
   print(f"{'quick' if args.quick else 'full'} mode: {len(jobs)} settings, "
         f"{n_runs} runs", flush=True)
   if args.plan:
     for j in jobs:
+      grid = (f"lrs {j.lrs} seeds {len(j.seeds)}" if j.phase != "confirm"
+              else f"the lr it chose, seeds {CONFIRM_SEEDS}")
       print(f"  {j.phase:9s} {j.setting.name:34s} {j.method.spec:28s} "
-            f"lrs {j.lrs} seeds {len(j.seeds)}")
+            + grid)
     return {}
   results_dir = args.results or args.out
   cache = Cache(args.out)
@@ -1196,6 +1257,13 @@ def main(argv=None) -> dict:
           json.dump(mech, f)
         print(f"mechanism: {time.perf_counter() - start:.0f} s", flush=True)
     for k, j in enumerate(jobs):
+      if j.phase == "confirm":
+        r = resolve(j, _index(cache.all_records()))
+        if r is None:
+          print(f"[{k + 1}/{len(jobs)}] {j.setting.name} {j.method.spec}: "
+                "confirm waits for its decisive runs", flush=True)
+          continue
+        j = r
       run_setting(cache, data, j.setting, j.method, j.lrs, j.seeds,
                   log=lambda s, k=k: print(f"[{k + 1}/{len(jobs)} "
                                            f"{time.perf_counter() - start:.0f}"

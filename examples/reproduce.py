@@ -164,8 +164,10 @@ def make_tx(method: Method, total_steps: int,
 
     def factory(learning_rate, smoothing):
       return optax.chain(
+          # "unit": the scale of the published sweep values (docs/evidence.md)
           optax_cdg.channel_directed(smoothing, metric=metric,
-                                     direction=direction, kernels=kernels),
+                                     direction=direction, scale="unit",
+                                     kernels=kernels),
           *_optimizer(opt, learning_rate, total_steps))
   elif method.transform == "lsgd":
     def factory(learning_rate, smoothing):

@@ -19,12 +19,14 @@ from optax_cdg._selection import nnx_conv_kernels
 from optax_cdg._selection import NoKernelsSelectedWarning
 from optax_cdg._transform import channel_directed
 from optax_cdg._transform import ChannelDirectedState
+from optax_cdg._transform import DEFAULT_SCALE
 from optax_cdg._transform import DEFAULT_SMOOTHING
 
 __version__ = "0.1.0"
 
 __all__ = (
     "ChannelDirectedState",
+    "DEFAULT_SCALE",
     "DEFAULT_SMOOTHING",
     "KernelSpec",
     "NoKernelsSelectedWarning",

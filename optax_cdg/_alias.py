@@ -23,6 +23,7 @@ import optax
 
 from optax_cdg import _selection
 from optax_cdg import _transform
+from optax_cdg._transform import DEFAULT_SCALE
 from optax_cdg._transform import DEFAULT_SMOOTHING
 
 
@@ -33,7 +34,7 @@ def with_channel_directed(
     metric: _transform.Metric = "sobolev",
     direction: _selection.Direction = "output",
     boundary: _transform.Boundary = "periodic",
-    scale: _transform.Scale = "unit",
+    scale: _transform.Scale = DEFAULT_SCALE,
     kernels: Any = None,
     method: _transform.Method = "auto",
 ) -> optax.GradientTransformationExtraArgs:
@@ -60,7 +61,7 @@ def with_channel_directed(
     >>> import optax
     >>> import optax_cdg
     >>> params = {"conv": {"kernel": jnp.ones((3, 3, 2, 8))}}
-    >>> tx = optax_cdg.with_channel_directed(optax.lion(1e-4), smoothing=1e-3)
+    >>> tx = optax_cdg.with_channel_directed(optax.lion(1e-4), smoothing=0.5)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(params, state, params)
     >>> updates["conv"]["kernel"].shape
@@ -89,7 +90,7 @@ def cdg_sgd(
     metric: _transform.Metric = "sobolev",
     direction: _selection.Direction = "output",
     boundary: _transform.Boundary = "periodic",
-    scale: _transform.Scale = "unit",
+    scale: _transform.Scale = DEFAULT_SCALE,
     kernels: Any = None,
     method: _transform.Method = "auto",
 ) -> optax.GradientTransformationExtraArgs:
@@ -140,7 +141,7 @@ def cdg_sgd(
     >>> import optax_cdg
     >>> params = {"conv": {"kernel": jnp.ones((3, 3, 2, 8))}}
     >>> tx = optax.inject_hyperparams(optax_cdg.cdg_sgd)(
-    ...     learning_rate=0.1, momentum=0.9, smoothing=1e-3)
+    ...     learning_rate=0.1, momentum=0.9, smoothing=0.5)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(params, state, params)
     >>> # A gradient constant across channels keeps its value.
@@ -173,7 +174,7 @@ def cdg_adamw(
     metric: _transform.Metric = "sobolev",
     direction: _selection.Direction = "output",
     boundary: _transform.Boundary = "periodic",
-    scale: _transform.Scale = "unit",
+    scale: _transform.Scale = DEFAULT_SCALE,
     kernels: Any = None,
     method: _transform.Method = "auto",
 ) -> optax.GradientTransformationExtraArgs:
@@ -224,7 +225,7 @@ def cdg_adamw(
     >>> params = {"conv": {"kernel": jnp.ones((3, 3, 2, 8))}}
     >>> tx = optax.inject_hyperparams(optax_cdg.cdg_adamw)(
     ...     learning_rate=optax.linear_schedule(0.0, 1e-3, 100),
-    ...     smoothing=1e-3)
+    ...     smoothing=0.5)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(params, state, params)
     >>> sorted(state.hyperparams)

@@ -166,3 +166,4 @@ class TypesTest(parameterized.TestCase):
     params = inspect.signature(fn).parameters
     self.assertEqual(params["smoothing"].default,
                      optax_cdg.DEFAULT_SMOOTHING)
+    self.assertEqual(params["scale"].default, optax_cdg.DEFAULT_SCALE)

@@ -55,7 +55,7 @@ class PassThroughTest(parameterized.TestCase):
              "gone": None}
     kernels = None if conv_spec is None else {
         "conv": conv_spec, "masked": True, "gone": True}
-    tx = optax_cdg.channel_directed(0.01, kernels=kernels)
+    tx = optax_cdg.channel_directed(0.01, kernels=kernels, scale="unit")
     out, _ = self.variant(tx.update)(grads, tx.init(grads))
     assert out["conv"]["bias"] is None and out["gone"] is None
     assert isinstance(out["masked"]["kernel"], optax.MaskedNode)
@@ -68,7 +68,8 @@ class PassThroughTest(parameterized.TestCase):
     grads = {"a": {"kernel": _kernel((3, 3, 2, 8), 1)},
              "b": {"kernel": _kernel((3, 3, 8, 4), 2)}}
     for kernels in (None, {"a": {"kernel": True}, "b": {"kernel": True}}):
-      tx = optax.masked(optax_cdg.channel_directed(0.01, kernels=kernels),
+      tx = optax.masked(optax_cdg.channel_directed(0.01, kernels=kernels,
+                                                    scale="unit"),
                         {"a": {"kernel": True}, "b": {"kernel": False}})
       out, _ = jax.jit(tx.update)(grads, tx.init(grads))
       np.testing.assert_array_equal(out["b"]["kernel"], grads["b"]["kernel"])
@@ -132,7 +133,7 @@ class NumpySpecsTest(parameterized.TestCase):
       (optax_cdg.KernelSpec(np.int64(-1), np.int64(0)),))
   def test_numpy_integer_specs(self, spec):
     g = _kernel((3, 3, 4, 8))
-    tx = optax_cdg.channel_directed(0.01, kernels={"k": spec})
+    tx = optax_cdg.channel_directed(0.01, kernels={"k": spec}, scale="unit")
     out, _ = tx.update({"k": g}, tx.init({"k": g}))
     axis = int(spec.output_axis if isinstance(spec, optax_cdg.KernelSpec)
                else spec)

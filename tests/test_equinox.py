@@ -113,7 +113,7 @@ class SelectionTest(parameterized.TestCase):
                                                               direction):
     model = _build(EqxMixed)
     grads = _grads(model)
-    tx = optax_cdg.channel_directed(3e-2, direction=direction)
+    tx = optax_cdg.channel_directed(3e-2, direction=direction, scale="unit")
     with warnings.catch_warnings():
       warnings.simplefilter("error", optax_cdg.NoKernelsSelectedWarning)
       out, _ = jax.jit(tx.update)(grads, tx.init(grads))
@@ -185,7 +185,8 @@ def test_training_with_filter_value_and_grad_and_adam():
   x, y = toy_task()
   x = jnp.transpose(x, (0, 3, 1, 2))  # Equinox convs are channels-first
   model = eqx.filter_jit(_CNN)(jax.random.key(0))  # one compilation
-  tx = optax.chain(optax_cdg.channel_directed(1e-2), optax.adam(1e-2))
+  tx = optax.chain(optax_cdg.channel_directed(1e-2, scale="unit"),
+                   optax.adam(1e-2))
   opt_state = tx.init(eqx.filter(model, eqx.is_array))
 
   def loss_fn(model):

@@ -47,7 +47,7 @@ class MethodTest(parameterized.TestCase):
 
   def test_top_gain(self):
     # unit scale: 1 / (1 + 4 lam N^2); grid: 1 / (1 + 4 lam).
-    self.assertAlmostEqual(m1d.CURRENT_DEFAULT.top_gain(128),
+    self.assertAlmostEqual(m1d.FORMER_DEFAULT.top_gain(128),
                            1 / (1 + 4e-4 * 128 ** 2), places=5)
     grid = m1d.Method.parse("sobolev:grid:0.5")
     for n in (32, 512):
@@ -97,7 +97,7 @@ class TrainingTest(absltest.TestCase):
     data = _data()
     setting = m1d.Setting("cnn", 4, "adamw", 12, batch_size=20)
     model = m1d.make_model("cnn", 4)
-    method = m1d.CURRENT_DEFAULT
+    method = m1d.FORMER_DEFAULT
     together = m1d.train_members(model, method, setting, data,
                                  [(0.01, 0), (0.003, 1)], evals=3)
     alone = m1d.train_members(model, method, setting, data, [(0.003, 1)],
@@ -194,6 +194,37 @@ class ReportTest(absltest.TestCase):
     self.assertEqual(rule["chosen"], "reweighted:unit:1.5")
     self.assertTrue(rule["partial"])  # grid:0.5 has no decisive cell
 
+  def test_confirm_runs_more_seeds_at_the_chosen_rate(self):
+    s = m1d.Setting("cnn", 32, "sgd", 100)
+    base, default = m1d.Method("baseline"), m1d.DEFAULT
+    placeholder = [m1d.Job("confirm", s, m, (0.01, 0.1), (0, 1))
+                   for m in (base, default)]
+    recs = [_rec("baseline", s.name, lr, seed, 0.9 if lr == 0.1 else 0.8, 0.9)
+            for lr in (0.01, 0.1) for seed in (0, 1)]
+    index = m1d._index(recs)
+    # The default's decisive runs are missing: it waits, the baseline not.
+    self.assertIsNone(m1d.resolve(placeholder[1], index, 4))
+    got = m1d.resolve(placeholder[0], index, 4)
+    self.assertEqual((got.lrs, got.seeds), ((0.1,), (0, 1, 2, 3)))
+    recs += [_rec(default.spec, s.name, lr, seed, 0.85 if lr == 0.1 else 0.88,
+                  0.9) for lr in (0.01, 0.1) for seed in (0, 1)]
+    recs += [_rec("baseline", s.name, 0.1, seed, 0.9, 0.90)
+             for seed in (2, 3)]
+    recs += [_rec(default.spec, s.name, 0.01, seed, 0.88, 0.92)
+             for seed in (2, 3)]
+    index = m1d._index(recs)
+    got = m1d.resolve(placeholder[1], index, 4)
+    self.assertEqual((got.lrs, got.seeds), ((0.01,), (0, 1, 2, 3)))
+    t = m1d.comparison_table(index, s, [base, default], (), got.seeds,
+                             fixed_lr={base: 0.1, default: 0.01})
+    row = {r["method"]: r for r in t["rows"]}[default.spec]
+    self.assertEqual(row["learning_rate"], 0.01)
+    np.testing.assert_allclose(row["delta_per_seed"], [0, 0, 0.02, 0.02],
+                               atol=1e-12)
+    # The rule reads decisive cells only: a confirm table changes nothing.
+    self.assertEqual(m1d.apply_rule([], [dict(t, phase="confirm")],
+                                    [default])["chosen"], None)
+
 
 def test_make_data_then_run_from_file(tmp_path):
   """The GPU path at tiny size: arrays made into a .npz, then the decisive
@@ -219,7 +250,7 @@ def test_make_data_then_run_from_file(tmp_path):
   (table,) = results["tables"]
   assert table["setting"]["width"] == 4
   assert {r["method"] for r in table["rows"]} == {
-      "baseline", m1d.CURRENT_DEFAULT.spec, "sobolev:grid:0.1"}
+      "baseline", m1d.FORMER_DEFAULT.spec, "sobolev:grid:0.1"}
   with open(os.path.join(out, "results.json")) as f:
     assert json.load(f)["runs_finished"] == 18
   assert os.path.getsize(os.path.join(out, "delta_vs_width.png")) > 0

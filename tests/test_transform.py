@@ -61,7 +61,8 @@ class UpdateTest(parameterized.TestCase):
     _, variables = _cnn()
     grads = _random_like(variables["params"])
     lam = 2.0 if metric == "reweighted" else 0.01
-    tx = optax_cdg.channel_directed(lam, metric=metric, direction=direction)
+    tx = optax_cdg.channel_directed(lam, metric=metric, direction=direction,
+                                    scale="unit")
     state = tx.init(variables["params"])
     assert isinstance(state, optax.EmptyState)
     out, _ = self.variant(tx.update)(grads, state)
@@ -100,7 +101,7 @@ class UpdateTest(parameterized.TestCase):
     params = _mixed_params()
     grads = _random_like(params)
     sel = optax_cdg.linen_conv_kernels(LinenMixed(), LINEN_MIXED_INPUT)
-    tx = optax_cdg.channel_directed(0.01, kernels=sel)
+    tx = optax_cdg.channel_directed(0.01, kernels=sel, scale="unit")
     out, _ = jax.jit(tx.update)(grads, tx.init(params))
     # Output axis per kernel: -1, or -2 for ConvTranspose(transpose_kernel).
     selected = {}
@@ -114,7 +115,8 @@ class UpdateTest(parameterized.TestCase):
   def test_spatial_skips_the_stacked_axis(self):
     grads = _random_like(_mixed_params())
     sel = optax_cdg.linen_conv_kernels(LinenMixed(), LINEN_MIXED_INPUT)
-    tx = optax_cdg.channel_directed(0.01, direction="spatial", kernels=sel)
+    tx = optax_cdg.channel_directed(0.01, direction="spatial", kernels=sel,
+                                    scale="unit")
     out, _ = tx.update(grads, tx.init(grads))
     g = grads["Scan_ScanBlock_0"]["conv"]["kernel"]  # (layers, 3, in, out)
     want = optax_cdg.metric_gradient(g, 0.01, axes=(1,))
@@ -126,7 +128,7 @@ class UpdateTest(parameterized.TestCase):
              "b": {"kernel": jnp.ones((3, 4, 8)) * jnp.arange(8.0)},
              "c": jnp.arange(8.0)}
     tx = optax_cdg.channel_directed(
-        0.01, kernels={"a": {"kernel": -2}, "b": True, "c": None})
+        0.01, kernels={"a": {"kernel": -2}, "b": True, "c": None}, scale="unit")
     out, _ = tx.update(grads, optax.EmptyState())
     np.testing.assert_allclose(
         out["a"]["kernel"],
@@ -147,7 +149,7 @@ class UpdateTest(parameterized.TestCase):
   def test_method_is_forwarded(self, method):
     grads = {"a": {"kernel": _random_like(jnp.ones((3, 3, 4, 32)))},
              "b": {"kernel": _random_like(jnp.ones((1, 1, 8, 16)))}}
-    tx = optax_cdg.channel_directed(0.01, method=method)
+    tx = optax_cdg.channel_directed(0.01, method=method, scale="unit")
     out, _ = jax.jit(tx.update)(grads, tx.init(grads))
     want = jax.tree.map(
         lambda g: optax_cdg.metric_gradient(g, 0.01, method="fft"), grads)
@@ -156,6 +158,30 @@ class UpdateTest(parameterized.TestCase):
   def test_empty_tree(self):
     tx = optax_cdg.channel_directed()
     assert tx.update({}, tx.init({}))[0] == {}
+
+
+class DefaultTest(parameterized.TestCase):
+  """The default damps the top output-channel frequency the same at every
+  width: the evidence (docs/evidence.md) chose a width-independent damping."""
+
+  def test_default_is_grid_scale_sobolev(self):
+    self.assertEqual((optax_cdg.DEFAULT_SMOOTHING, optax_cdg.DEFAULT_SCALE),
+                     (0.1, "grid"))
+    g = _random_like(jnp.ones((3, 3, 4, 24)))
+    out, _ = optax_cdg.channel_directed().update(
+        {"conv": {"kernel": g}}, optax.EmptyState())
+    want = _reference.apply_dense(
+        g, (-1,), _reference.metric_matrix((24,), 0.1, "sobolev",
+                                           scale="grid"))
+    np.testing.assert_allclose(out["conv"]["kernel"], want, atol=1e-6)
+
+  @parameterized.parameters(8, 32, 128, 512)
+  def test_top_gain_does_not_depend_on_width(self, n):
+    # The highest frequency, (-1)^k across the channels, is an eigenvector.
+    g = {"conv": {"kernel": jnp.ones((3, 1, n)) * (-1.0) ** jnp.arange(n)}}
+    out, _ = optax_cdg.channel_directed().update(g, optax.EmptyState())
+    np.testing.assert_allclose(out["conv"]["kernel"] / g["conv"]["kernel"],
+                               1 / (1 + 4 * 0.1), rtol=1e-5)
 
 
 class ComposeTest(parameterized.TestCase):
@@ -259,7 +285,7 @@ class ComposeTest(parameterized.TestCase):
   def test_half_precision_updates(self, dtype):
     params, grads = self._grads()
     grads = jax.tree.map(lambda g: g.astype(dtype), grads)
-    tx = optax_cdg.channel_directed(0.01)
+    tx = optax_cdg.channel_directed(0.01, scale="unit")
     out, _ = self.variant(tx.update)(grads, tx.init(params))
     chex.assert_trees_all_equal_dtypes(out, grads)
     chex.assert_trees_all_equal_shapes(out, grads)
@@ -275,7 +301,8 @@ class ComposeTest(parameterized.TestCase):
     before = nnx.clone(model)
     tx = optax.chain(
         optax_cdg.channel_directed(0.01,
-                                   kernels=optax_cdg.nnx_conv_kernels(model)),
+                                   kernels=optax_cdg.nnx_conv_kernels(model),
+                                   scale="unit"),
         optax.sgd(1.0))
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -487,7 +514,7 @@ class AnyLayoutTest(parameterized.TestCase):
     spec = optax_cdg.KernelSpec(output_axis=stacked, stacked_axes=stacked,
                                 input_axis=stacked + 1)
     tx = optax_cdg.channel_directed(2e-2, direction=direction,
-                                    kernels={"w": spec})
+                                    kernels={"w": spec}, scale="unit")
     out, _ = jax.jit(tx.update)({"w": g}, optax.EmptyState())
     axes = {"output": (stacked,), "input": (stacked + 1,),
             "spatial": (stacked + 2, stacked + 3)}[direction]
@@ -500,7 +527,7 @@ class AnyLayoutTest(parameterized.TestCase):
     # The old main refused it ("must be one of the last two axes").
     g = jnp.asarray(np.random.default_rng(4).standard_normal((8, 4, 3, 3)),
                     jnp.float32)
-    out, _ = optax_cdg.channel_directed(1e-2, kernels=0).update(
+    out, _ = optax_cdg.channel_directed(1e-2, kernels=0, scale="unit").update(
         g, optax.EmptyState())
     np.testing.assert_allclose(
         out, optax_cdg.metric_gradient(g, 1e-2, axes=(0,)), rtol=1e-6)
