@@ -824,6 +824,27 @@ def collapses(rows: Sequence[dict], usual_only: bool = False) -> list[dict]:
   return out
 
 
+def seed_collapses(index: dict, tables: Sequence[dict]) -> list[dict]:
+  """Per accuracy cell, learning rate and method: the seeds at which the
+  baseline trains and the method does not (every rate of the grid, not only
+  the chosen one)."""
+  out = []
+  for t in tables:
+    by = index.get(t["name"], {})
+    base = by.get("baseline", {})
+    for row in t["rows"]:
+      m = by.get(row["method"], {})
+      for lr in t["learning_rates"]:
+        seeds = [s for s in t["seeds"] if (lr, s) in m and (lr, s) in base
+                 and base[(lr, s)]["val_acc"] >= TRAINS_AT
+                 > m[(lr, s)]["val_acc"]]
+        if seeds and row["method"] != "baseline":
+          out.append({"cell": t["name"], "phase": t["phase"],
+                      "learning_rate": lr, "method": row["method"],
+                      "seeds": seeds, "of": len(t["seeds"])})
+  return out
+
+
 def comparison_table(index: dict, setting: Setting, methods: Sequence[Method],
                      lrs, seeds, fixed_lr: dict | None = None) -> dict:
   """Each complete method at its learning rate chosen on mean validation
@@ -960,6 +981,14 @@ def markdown(results: dict) -> str:
               f": {c['method']} {100 * c['val_acc']:.1f} % (baseline "
               f"{100 * c['baseline_val_acc']:.1f} %)"
               for c in results["collapses"]]
+    lines.append("")
+  if results.get("seed_collapses"):
+    lines += ["Collapses in the accuracy cells (a seed at which the baseline "
+              f"ends at {TRAINS_AT:.0%} validation accuracy or more and the "
+              "method below), at every rate of the grid:", ""]
+    lines += [f"- {c['cell']}, lr {c['learning_rate']:g}: {c['method']} at "
+              f"{len(c['seeds'])} of {c['of']} seeds" for c in
+              results["seed_collapses"]]
     lines.append("")
   for t in results["tables"]:
     s = t["setting"]
@@ -1126,6 +1155,7 @@ def report(jobs: Sequence[Job], cache: Cache, out: str, results_dir: str,
       "runs_planned": planned, "runs_finished": finished,
       "seconds_in_runs": float(sum(r["seconds"] for r in records)),
       "stability": stab, "collapses": collapses(stab), "tables": tables,
+      "seed_collapses": seed_collapses(index, tables),
       "rule": apply_rule(stab, tables, candidates),
       "trains_at": TRAINS_AT,
       "notes": ("test/val accuracies are fractions; *_ci95 are half-widths "

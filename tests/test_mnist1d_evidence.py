@@ -194,6 +194,21 @@ class ReportTest(absltest.TestCase):
     self.assertEqual(rule["chosen"], "reweighted:unit:1.5")
     self.assertTrue(rule["partial"])  # grid:0.5 has no decisive cell
 
+  def test_seed_collapses(self):
+    s = m1d.Setting("cnn", 128, "adamw", 100)
+    recs = []
+    for seed, (b, m) in enumerate([(0.9, 0.1), (0.9, 0.9), (0.3, 0.1)]):
+      recs += [_rec("baseline", s.name, 0.03, seed, b, b),
+               _rec("sobolev:grid:0.1", s.name, 0.03, seed, m, m)]
+    t = {"name": s.name, "phase": "decisive", "learning_rates": [0.03],
+         "seeds": [0, 1, 2], "rows": [{"method": "baseline"},
+                                      {"method": "sobolev:grid:0.1"}]}
+    # Seed 2 does not count: the baseline does not train there either.
+    self.assertEqual(m1d.seed_collapses(m1d._index(recs), [t]),
+                     [{"cell": s.name, "phase": "decisive",
+                       "learning_rate": 0.03, "method": "sobolev:grid:0.1",
+                       "seeds": [0], "of": 3}])
+
   def test_confirm_runs_more_seeds_at_the_chosen_rate(self):
     s = m1d.Setting("cnn", 32, "sgd", 100)
     base, default = m1d.Method("baseline"), m1d.DEFAULT
