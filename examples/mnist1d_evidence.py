@@ -880,12 +880,23 @@ def comparison_table(index: dict, setting: Setting, methods: Sequence[Method],
     row["val_acc_mean"] = float(np.mean(val))
     for key in ("delta", "val_delta"):
       row[f"{key}_mean"] = row[f"{key}_ci95"] = row[f"{key}_per_seed"] = None
+    row["collapsed_seeds"] = [s for s, v in zip(seeds, val) if v < TRAINS_AT]
+    row["delta_both_train_mean"] = row["delta_both_train_ci95"] = None
+    row["both_train_seeds"] = None
     if m != base and base in chosen:
       brec = [by["baseline"][(chosen[base], s)] for s in seeds]
       for key, field in (("delta", "test_acc"), ("val_delta", "val_acc")):
         d = [a[field] - b[field] for a, b in zip(rec, brec)]
         row[f"{key}_per_seed"] = d
         row[f"{key}_mean"], row[f"{key}_ci95"] = mean_ci95(d)
+      # A collapsed seed (chance accuracy) dominates a paired mean: report
+      # the delta over the seeds where both train as well.
+      both = [(a, b) for a, b in zip(rec, brec)
+              if min(a["val_acc"], b["val_acc"]) >= TRAINS_AT]
+      row["both_train_seeds"] = len(both)
+      if len(both) > 1:
+        row["delta_both_train_mean"], row["delta_both_train_ci95"] = (
+            mean_ci95([a["test_acc"] - b["test_acc"] for a, b in both]))
     rows.append(row)
   sds = [float(np.std(r["delta_per_seed"], ddof=1)) for r in rows
          if r["delta_per_seed"] is not None and len(seeds) > 1]
@@ -1017,6 +1028,19 @@ def markdown(results: dict) -> str:
           f"{100 * r['val_acc_mean']:.2f} | "
           f"{_fmt(r['val_delta_mean'], r['val_delta_ci95'], True)} |")
     lines.append("")
+    if any(r["collapsed_seeds"] for r in t["rows"]):
+      text = ("Collapsed seeds (final validation accuracy below "
+              f"{TRAINS_AT:.0%}) at the chosen rate: " + "; ".join(
+                  f"{r['method']} {len(r['collapsed_seeds'])} of "
+                  f"{len(t['seeds'])}" for r in t["rows"]) + ".")
+      both = [f"{r['method']} " + _fmt(r["delta_both_train_mean"],
+                                       r["delta_both_train_ci95"], True)
+              + f" ({r['both_train_seeds']} seeds)" for r in t["rows"]
+              if r["both_train_seeds"]]
+      if both:
+        text += (" Paired test delta over the seeds where both train: "
+                 + "; ".join(both) + ".")
+      lines += [text, ""]
   rule = results["rule"]
   lines += ["## Default rule (validation only)", "",
             f"Chosen: {rule['chosen']}" + (" (PARTIAL: not every cell has "

@@ -236,6 +236,17 @@ class ReportTest(absltest.TestCase):
     self.assertEqual(row["learning_rate"], 0.01)
     np.testing.assert_allclose(row["delta_per_seed"], [0, 0, 0.02, 0.02],
                                atol=1e-12)
+    self.assertEqual(row["collapsed_seeds"], [])
+    # A collapsed baseline seed is counted and left out of the both-train
+    # delta.
+    recs.append(_rec("baseline", s.name, 0.1, 3, 0.1, 0.1))
+    t = m1d.comparison_table(m1d._index(recs), s, [base, default], (),
+                             got.seeds, fixed_lr={base: 0.1, default: 0.01})
+    rows = {r["method"]: r for r in t["rows"]}
+    self.assertEqual(rows["baseline"]["collapsed_seeds"], [3])
+    self.assertEqual(rows[default.spec]["both_train_seeds"], 3)
+    self.assertAlmostEqual(rows[default.spec]["delta_both_train_mean"],
+                           0.02 / 3)
     # The rule reads decisive cells only: a confirm table changes nothing.
     self.assertEqual(m1d.apply_rule([], [dict(t, phase="confirm")],
                                     [default])["chosen"], None)
