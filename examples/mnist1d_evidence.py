@@ -960,6 +960,30 @@ def _trains(row: dict) -> str:
   return done if row["complete"] else done + " (so far)"
 
 
+def _summary(results: dict) -> list[str]:
+  """One line per decisive cell: the former default and the default, paired
+  deltas to the baseline (validation decides, test is reported)."""
+  cells = [t for t in results["tables"] if t["phase"] == "decisive"]
+  if not cells:
+    return []
+  lines = ["## Summary: the former default and the default, per cell", "",
+           "Paired deltas to the baseline in points, 95 % intervals; each "
+           "method at its own rate.", "",
+           "| cell | MDE | former default: val | test | default: val | "
+           "test |", "|---|---|---|---|---|---|"]
+  for t in cells:
+    rows = {r["method"]: r for r in t["rows"]}
+    cols = []
+    for m in (FORMER_DEFAULT, DEFAULT):
+      r = rows.get(m.spec)
+      cols += (["—", "—"] if r is None else
+               [_fmt(r["val_delta_mean"], r["val_delta_ci95"], True),
+                _fmt(r["delta_mean"], r["delta_ci95"], True)])
+    mde = "—" if t["mde80"] is None else f"{100 * t['mde80']:.2f}"
+    lines.append(f"| {t['name']} | {mde} | " + " | ".join(cols) + " |")
+  return lines + [""]
+
+
 def markdown(results: dict) -> str:
   lines = [f"# MNIST-1D: {results['status']}", "",
            f"Runs finished: {results['runs_finished']} of "
@@ -1041,6 +1065,7 @@ def markdown(results: dict) -> str:
         text += (" Paired test delta over the seeds where both train: "
                  + "; ".join(both) + ".")
       lines += [text, ""]
+  lines += _summary(results)
   rule = results["rule"]
   lines += ["## Default rule (validation only)", "",
             f"Chosen: {rule['chosen']}" + (" (PARTIAL: not every cell has "
