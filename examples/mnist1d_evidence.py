@@ -1191,13 +1191,16 @@ def report(jobs: Sequence[Job], cache: Cache, out: str, results_dir: str,
                          fixed_lr={j.method: r.lrs[0] for j, r in cell})
     t["phase"] = "confirm"
     tables.append(t)
-  # A confirm job not yet resolved counts as its seeds at one rate.
+  # A confirm job not yet resolved counts as its new seeds at one rate.
   jobs += [r or Job("confirm", j.setting, j.method, (math.nan,),
-                    tuple(range(CONFIRM_SEEDS))) for j, r in resolved]
-  planned = sum(len(j.lrs) * len(j.seeds) for j in jobs)
-  finished = sum(1 for j in jobs for lr in j.lrs for s in j.seeds
-                 if (lr, s) in index.get(j.setting.name, {}).get(
-                     j.method.spec, {}))
+                    tuple(range(len(j.seeds), CONFIRM_SEEDS)))
+           for j, r in resolved]
+  # Distinct runs: a confirm job reuses its decisive seeds.
+  keys = {(j.setting.name, j.method.spec, lr, s)
+          for j in jobs for lr in j.lrs for s in j.seeds}
+  planned = len(keys)
+  finished = sum(1 for name, spec, lr, s in keys
+                 if (lr, s) in index.get(name, {}).get(spec, {}))
   results = {
       "status": ("complete" if finished == planned else
                  f"PARTIAL ({finished} of {planned} runs)"),
@@ -1302,8 +1305,8 @@ def main(argv=None) -> dict:
               stability_steps=args.stability_steps, seeds=args.seeds,
               optimizers=[o.strip() for o in (args.optimizers or "").split(
                   ",") if o.strip()])
-  n_runs = sum(CONFIRM_SEEDS if j.phase == "confirm"
-               else len(j.lrs) * len(j.seeds) for j in jobs)
+  n_runs = sum(CONFIRM_SEEDS - len(j.seeds) if j.phase == "confirm"
+               else len(j.lrs) * len(j.seeds) for j in jobs)  # new runs
   print(f"{'quick' if args.quick else 'full'} mode: {len(jobs)} settings, "
         f"{n_runs} runs", flush=True)
   if args.plan:
