@@ -554,6 +554,13 @@ def resolve(job: Job, index: dict, confirm_seeds: int = CONFIRM_SEEDS
              tuple(range(confirm_seeds)))
 
 
+def new_seeds(job: Job) -> tuple[int, ...]:
+  """The seeds a job adds beyond the decisive ones it reuses (confirm)."""
+  if job.phase != "confirm":
+    return job.seeds
+  return tuple(range(len(job.seeds), CONFIRM_SEEDS))
+
+
 STABILITY_LR = {"adam": (1e-3, 2e-3, 5e-3, 1e-2),
                 "sgd": (0.01, 0.03, 0.1)}
 # Accuracy grids bracket the best rate seen in the stability grid (its top
@@ -1192,8 +1199,7 @@ def report(jobs: Sequence[Job], cache: Cache, out: str, results_dir: str,
     t["phase"] = "confirm"
     tables.append(t)
   # A confirm job not yet resolved counts as its new seeds at one rate.
-  jobs += [r or Job("confirm", j.setting, j.method, (math.nan,),
-                    tuple(range(len(j.seeds), CONFIRM_SEEDS)))
+  jobs += [r or Job("confirm", j.setting, j.method, (math.nan,), new_seeds(j))
            for j, r in resolved]
   # Distinct runs: a confirm job reuses its decisive seeds.
   keys = {(j.setting.name, j.method.spec, lr, s)
@@ -1305,8 +1311,9 @@ def main(argv=None) -> dict:
               stability_steps=args.stability_steps, seeds=args.seeds,
               optimizers=[o.strip() for o in (args.optimizers or "").split(
                   ",") if o.strip()])
-  n_runs = sum(CONFIRM_SEEDS - len(j.seeds) if j.phase == "confirm"
-               else len(j.lrs) * len(j.seeds) for j in jobs)  # new runs
+  # A confirm job runs one rate, chosen once its decisive seeds are in.
+  n_runs = sum(len(new_seeds(j)) * (1 if j.phase == "confirm" else len(j.lrs))
+               for j in jobs)
   print(f"{'quick' if args.quick else 'full'} mode: {len(jobs)} settings, "
         f"{n_runs} runs", flush=True)
   if args.plan:
