@@ -1,5 +1,6 @@
 """Equinox models: their convs selected exactly, by class, in OIHW layout."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,7 +14,12 @@ import numpy as np
 import optax
 import pytest
 
-eqx = pytest.importorskip("equinox")
+if importlib.util.find_spec("equinox") is None:
+  pytest.skip("equinox is not installed (the equinox extra)",
+              allow_module_level=True)
+# Installed but broken (an equinox too old for this jax) is an error, not a
+# skip: importorskip would hide it.
+import equinox as eqx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import optax_cdg  # pylint: disable=g-import-not-at-top,wrong-import-position
 import _reference  # pylint: disable=g-import-not-at-top,wrong-import-position
