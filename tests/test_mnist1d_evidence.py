@@ -252,6 +252,18 @@ class ReportTest(absltest.TestCase):
                                     [default])["chosen"], None)
 
 
+  def test_resnet_runs_the_baseline_and_both_defaults(self):
+    jobs = m1d.plan(False, m1d.CANDIDATES, (32, 64), ["resnet"])
+    self.assertEqual({j.setting.model for j in jobs}, {"resnet"})
+    want = [m1d.Method("baseline"), m1d.DEFAULT, m1d.FORMER_DEFAULT]
+    for w in (32, 64):
+      for opt in ("adamw", "sgd"):
+        got = [j.method for j in jobs
+               if (j.setting.width, j.setting.optimizer) == (w, opt)]
+        self.assertEqual(got, want)
+    self.assertEqual(len(jobs), 2 * 2 * 3)
+
+
 def test_make_data_then_run_from_file(tmp_path):
   """The GPU path at tiny size: arrays made into a .npz, then the decisive
   phase read from that file, reported and resumed from the cache. Needs the
