@@ -358,11 +358,24 @@ def batch_indices(n: int, batch_size: int, steps: int,
   return idx.reshape(-1, batch_size)[:steps].astype(np.int32)
 
 
-def _accuracy_fn(model):
+EVAL_BATCH = 1000
+
+
+def _accuracy_fn(model, batch: int = EVAL_BATCH):
+  """Accuracy of every member, `batch` sequences at a time: 15 members of
+  the width-64 ResNet on 20,000 sequences at once would hold over 10 GB."""
+
+  @jax.jit
+  def correct(params, x, y):
+    logits = jax.vmap(lambda p: model.apply({"params": p}, x))(params)
+    return jnp.sum(jnp.argmax(logits, -1) == y, axis=-1)
+
   def acc(params, x, y):
-    logits = model.apply({"params": params}, x)
-    return jnp.mean(jnp.argmax(logits, -1) == y)
-  return jax.jit(jax.vmap(acc, in_axes=(0, None, None)))
+    total = sum(np.asarray(correct(params, x[i:i + batch], y[i:i + batch]))
+                for i in range(0, len(x), batch))
+    return total / len(x)
+
+  return acc
 
 
 _COMPILED: dict[Any, Any] = {}

@@ -112,6 +112,20 @@ class TrainingTest(absltest.TestCase):
     self.assertLess(np.mean(fast[-3:]), np.mean(fast[:3]))
     self.assertEqual(a["eval_steps"], [4, 8, 12])
 
+  def test_accuracy_in_batches_equals_all_at_once(self):
+    data = _data()
+    model = m1d.make_model("resnet", 4)
+    x, y = data["train"].x, data["train"].y  # 120: the last batch is short
+    params = jax.tree.map(lambda *a: jnp.stack(a), *[
+        model.init(jax.random.key(s), x[:1])["params"] for s in (0, 1)])
+    # Zero-initialised convs pushed off zero: the members then differ.
+    params = jax.tree.map(lambda a: a + 0.3 * jnp.sign(a), params)
+    got = m1d._accuracy_fn(model, batch=50)(params, x, y)
+    logits = jax.vmap(lambda p: model.apply({"params": p}, x))(params)
+    want = np.mean(np.argmax(np.asarray(logits), -1) == y, axis=-1)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    self.assertEqual(got.shape, (2,))
+
 
 def _rec(method, setting, lr, seed, val, test):
   return {"method": method, "setting": setting, "learning_rate": lr,
