@@ -1105,41 +1105,58 @@ def markdown(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def width_series(results: dict, candidates: Sequence[str]
+                 ) -> dict[str, dict[str, list[tuple[int, dict]]]]:
+  """{optimizer: {series: [(width, table row), ...]}} for `plot_width`: the
+  best CDG candidate (chosen on validation), the former default and the
+  default in the decisive CNN cells, and both defaults on the ResNet."""
+  decisive = [t for t in results["tables"] if t["phase"] == "decisive"]
+  resnet = [t for t in results["tables"] if t["phase"] == "resnet"]
+  out = {}
+  for opt in sorted({t["setting"]["optimizer"] for t in decisive + resnet}):
+    series = {"best CDG (by validation)": [], "former default": [],
+              "default": [], "former default, ResNet": [],
+              "default, ResNet": []}
+    for t in decisive + resnet:
+      if t["setting"]["optimizer"] != opt:
+        continue
+      w = t["setting"]["width"]
+      suffix = ", ResNet" if t["phase"] == "resnet" else ""
+      rows = [r for r in t["rows"] if r["delta_mean"] is not None]
+      cdg = [r for r in rows if r["method"] in candidates]
+      if cdg and not suffix:
+        series["best CDG (by validation)"].append(
+            (w, max(cdg, key=lambda r: r["val_acc_mean"])))
+      for name, spec in (("former default", FORMER_DEFAULT.spec),
+                         ("default", DEFAULT.spec)):
+        row = next((r for r in rows if r["method"] == spec), None)
+        if row is not None:
+          series[name + suffix].append((w, row))
+    if any(series.values()):
+      out[opt] = {k: sorted(v, key=lambda p: p[0]) for k, v in series.items()}
+  return out
+
+
 def plot_width(results: dict, path: str, candidates: Sequence[str]) -> None:
-  """Paired test delta against width of the best CDG setting (chosen on
-  validation) and of the former default, per optimizer, 95 % intervals."""
+  """Paired test delta against width (`width_series`) per optimizer, 95 %
+  intervals; the ResNet dashed."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  tables = [t for t in results["tables"] if t["phase"] == "decisive"]
-  opts = sorted({t["setting"]["optimizer"] for t in tables
-                 if any(r["delta_mean"] is not None for r in t["rows"])})
-  widths = sorted({t["setting"]["width"] for t in tables})
-  fig, axes = plt.subplots(1, max(1, len(opts)), squeeze=False,
-                           figsize=(5 * max(1, len(opts)), 3.6))
-  for ax, opt in zip(axes[0], opts):
-    series = {"best CDG (by validation)": [], "former default": [],
-              "default": []}
-    for t in sorted((t for t in tables if t["setting"]["optimizer"] == opt),
-                    key=lambda t: t["setting"]["width"]):
-      cdg = [r for r in t["rows"] if r["method"] in candidates
-             and r["delta_mean"] is not None]
-      if not cdg:
-        continue
-      best = max(cdg, key=lambda r: r["val_acc_mean"])
-      w = t["setting"]["width"]
-      series["best CDG (by validation)"].append((w, best))
-      for name, spec in (("former default", FORMER_DEFAULT.spec),
-                         ("default", DEFAULT.spec)):
-        row = next((r for r in cdg if r["method"] == spec), None)
-        if row is not None:
-          series[name].append((w, row))
+  by_opt = width_series(results, candidates)
+  widths = sorted({t["setting"]["width"] for t in results["tables"]
+                   if t["phase"] in ("decisive", "resnet")})
+  fig, axes = plt.subplots(1, max(1, len(by_opt)), squeeze=False,
+                           figsize=(5 * max(1, len(by_opt)), 3.6))
+  for ax, (opt, series) in zip(axes[0], by_opt.items()):
     for k, (name, pts) in enumerate(series.items()):
       if pts:
-        x = [p[0] * (0.96, 1.0, 1.04)[k] for p in pts]
+        x = [p[0] * (0.96, 1.0, 1.04, 0.92, 1.08)[k] for p in pts]
         ax.errorbar(x, [100 * p[1]["delta_mean"] for p in pts],
                     yerr=[100 * (p[1]["delta_ci95"] or 0) for p in pts],
-                    marker="o", capsize=3, label=name)
+                    marker="o" if k < 3 else "s", capsize=3, label=name,
+                    ls="-" if k < 3 else "--",
+                    color=("C0", "C1", "C2", "C1", "C2")[k])
         if k == 0:
           for xi, p in zip(x, pts):
             ax.annotate(p[1]["method"], (xi, 100 * p[1]["delta_mean"]),
@@ -1152,7 +1169,7 @@ def plot_width(results: dict, path: str, candidates: Sequence[str]) -> None:
     ax.minorticks_off()
     ax.set_xlabel("channels per layer")
     ax.set_ylabel("paired test delta vs baseline (points, 95% CI)")
-    ax.set_title(f"MNIST-1D CNN, {opt}")
+    ax.set_title(f"MNIST-1D, {opt}")
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
   fig.tight_layout()

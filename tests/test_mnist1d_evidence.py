@@ -223,6 +223,38 @@ class ReportTest(absltest.TestCase):
                        "learning_rate": 0.03, "method": "sobolev:grid:0.1",
                        "seeds": [0], "of": 3}])
 
+  def test_width_series(self):
+    def table(phase, model, w, opt, rows):
+      return {"phase": phase, "setting": {"model": model, "width": w,
+                                          "optimizer": opt},
+              "rows": [{"method": m, "val_acc_mean": v, "delta_mean": d}
+                       for m, v, d in rows]}
+    former, default = m1d.FORMER_DEFAULT.spec, m1d.DEFAULT.spec
+    cands = [default, "reweighted:unit:1.5"]
+    results = {"tables": [
+        table("decisive", "cnn", 64, "sgd", [
+            ("baseline", 0.9, None), (former, 0.8, -0.01),
+            (default, 0.85, 0.0), ("reweighted:unit:1.5", 0.95, 0.02)]),
+        table("decisive", "cnn", 32, "sgd", [
+            ("baseline", 0.9, None), (default, 0.91, 0.01)]),
+        table("resnet", "resnet", 32, "sgd", [
+            ("baseline", 0.98, None), (default, 0.97, -0.001),
+            (former, 0.5, None)]),  # not finished: no delta yet
+        table("sweep", "cnn", 64, "sgd", [(default, 0.99, 0.5)]),
+        table("resnet", "resnet", 32, "adamw", [("baseline", 0.98, None)]),
+    ]}
+    got = m1d.width_series(results, cands)
+    self.assertEqual(list(got), ["sgd"])  # adamw has no delta at all
+    points = {k: [(w, r["method"]) for w, r in v]
+              for k, v in got["sgd"].items()}
+    self.assertEqual(points, {
+        "best CDG (by validation)": [(32, default),
+                                     (64, "reweighted:unit:1.5")],
+        "former default": [(64, former)],
+        "default": [(32, default), (64, default)],
+        "former default, ResNet": [],
+        "default, ResNet": [(32, default)]})
+
   def test_confirm_runs_more_seeds_at_the_chosen_rate(self):
     s = m1d.Setting("cnn", 32, "sgd", 100)
     base, default = m1d.Method("baseline"), m1d.DEFAULT
