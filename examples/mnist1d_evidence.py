@@ -663,8 +663,7 @@ def plan(quick: bool, candidates: Sequence[str], widths: Sequence[int],
   if "resnet" in phases:
     # The rule has chosen on the CNN: the ResNet asks whether its choice
     # (and the former default's harm) carries over to a deeper net.
-    resnet_methods = ([base, default] if quick else
-                      [base] + [DEFAULT] * (DEFAULT != default) + [default])
+    resnet_methods = [base, default] if quick else [base, DEFAULT, default]
     for w in (tuple(widths[:1]) if quick else tuple(widths)):
       for opt in ("adamw",) if quick else ("adamw", "sgd"):
         for m in resnet_methods:
@@ -1105,19 +1104,22 @@ def markdown(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _width_tables(results: dict) -> list[dict]:
+  return [t for t in results["tables"] if t["phase"] in ("decisive", "resnet")]
+
+
 def width_series(results: dict, candidates: Sequence[str]
                  ) -> dict[str, dict[str, list[tuple[int, dict]]]]:
   """{optimizer: {series: [(width, table row), ...]}} for `plot_width`: the
   best CDG candidate (chosen on validation), the former default and the
   default in the decisive CNN cells, and both defaults on the ResNet."""
-  decisive = [t for t in results["tables"] if t["phase"] == "decisive"]
-  resnet = [t for t in results["tables"] if t["phase"] == "resnet"]
+  tables = _width_tables(results)
   out = {}
-  for opt in sorted({t["setting"]["optimizer"] for t in decisive + resnet}):
+  for opt in sorted({t["setting"]["optimizer"] for t in tables}):
     series = {"best CDG (by validation)": [], "former default": [],
               "default": [], "former default, ResNet": [],
               "default, ResNet": []}
-    for t in decisive + resnet:
+    for t in tables:
       if t["setting"]["optimizer"] != opt:
         continue
       w = t["setting"]["width"]
@@ -1144,8 +1146,7 @@ def plot_width(results: dict, path: str, candidates: Sequence[str]) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   by_opt = width_series(results, candidates)
-  widths = sorted({t["setting"]["width"] for t in results["tables"]
-                   if t["phase"] in ("decisive", "resnet")})
+  widths = sorted({t["setting"]["width"] for t in _width_tables(results)})
   fig, axes = plt.subplots(1, max(1, len(by_opt)), squeeze=False,
                            figsize=(5 * max(1, len(by_opt)), 3.6))
   for ax, (opt, series) in zip(axes[0], by_opt.items()):

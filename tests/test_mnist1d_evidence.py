@@ -297,7 +297,6 @@ class ReportTest(absltest.TestCase):
     self.assertEqual(m1d.apply_rule([], [dict(t, phase="confirm")],
                                     [default])["chosen"], None)
 
-
   def test_resnet_runs_the_baseline_and_both_defaults(self):
     jobs = m1d.plan(False, m1d.CANDIDATES, (32, 64), ["resnet"])
     self.assertEqual({j.setting.model for j in jobs}, {"resnet"})
