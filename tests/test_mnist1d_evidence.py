@@ -4,6 +4,7 @@ import json
 import os
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -111,6 +112,58 @@ class TrainingTest(absltest.TestCase):
     fast = together[0]["train_loss"]
     self.assertLess(np.mean(fast[-3:]), np.mean(fast[:3]))
     self.assertEqual(a["eval_steps"], [4, 8, 12])
+
+  def test_a_killed_run_resumes_from_its_checkpoint(self):
+    data = _data()
+    setting = m1d.Setting("cnn", 4, "adamw", 12, batch_size=20)
+    model = m1d.make_model("cnn", 4)
+    members = [(0.01, 0), (0.003, 1)]
+    want = m1d.train_members(model, m1d.DEFAULT, setting, data, members,
+                             evals=3)
+    real, calls = m1d._chunk_fn, []
+
+    def dies_after(n):
+      def chunk_fn(model, tx):
+        chunk = real(model, tx)
+        def run(*args):
+          if len(calls) == n:
+            raise KeyboardInterrupt
+          calls.append(1)
+          return chunk(*args)
+        return run
+      return chunk_fn
+
+    with tempfile.TemporaryDirectory() as d:
+      ckpt = os.path.join(d, "sub", "member.npz")
+      with mock.patch.object(m1d, "_chunk_fn", dies_after(2)):
+        with self.assertRaises(KeyboardInterrupt):
+          m1d.train_members(model, m1d.DEFAULT, setting, data, members,
+                            evals=3, checkpoint=ckpt)
+      self.assertTrue(os.path.exists(ckpt))
+      calls.clear()
+      with mock.patch.object(m1d, "_chunk_fn", dies_after(99)):
+        got = m1d.train_members(model, m1d.DEFAULT, setting, data, members,
+                                evals=3, checkpoint=ckpt)
+      self.assertLen(calls, 1)  # only the third chunk was trained again
+      for g, w in zip(got, want):
+        g.pop("seconds"), w.pop("seconds")
+        self.assertEqual(g, w)  # bit for bit
+      self.assertFalse(os.path.exists(ckpt))  # removed once finished
+      # A checkpoint of other members is not used.
+      calls.clear()
+      with mock.patch.object(m1d, "_chunk_fn", dies_after(2)):
+        with self.assertRaises(KeyboardInterrupt):
+          m1d.train_members(model, m1d.DEFAULT, setting, data, members,
+                            evals=3, checkpoint=ckpt)
+      calls.clear()
+      with mock.patch.object(m1d, "_chunk_fn", dies_after(99)):
+        other = m1d.train_members(model, m1d.DEFAULT, setting, data,
+                                  members[:1], evals=3, checkpoint=ckpt)
+      self.assertLen(calls, 3)
+      fresh = m1d.train_members(model, m1d.DEFAULT, setting, data,
+                                members[:1], evals=3)
+      other[0].pop("seconds"), fresh[0].pop("seconds")
+      self.assertEqual(other[0], fresh[0])
 
   def test_accuracy_in_batches_equals_all_at_once(self):
     data = _data()
@@ -337,6 +390,9 @@ def test_make_data_then_run_from_file(tmp_path):
   with open(os.path.join(out, "results.json")) as f:
     assert json.load(f)["runs_finished"] == 18
   assert os.path.getsize(os.path.join(out, "delta_vs_width.png")) > 0
+  # Checkpoints are removed as their settings finish.
+  assert not [f for _, _, fs in os.walk(os.path.join(out, "checkpoints"))
+              for f in fs]
   again = m1d.main(argv + ["--report-only"])
   assert again["tables"] == json.loads(json.dumps(results["tables"]))
   with pytest.raises(ValueError, match="holds 20 validation"):
