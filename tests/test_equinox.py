@@ -1,6 +1,5 @@
 """Equinox models: their convs selected exactly, by class, in OIHW layout."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,12 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-if importlib.util.find_spec("equinox") is None:
-  pytest.skip("equinox is not installed (the equinox extra)",
-              allow_module_level=True)
-# Installed but broken (an equinox too old for this jax) is an error, not a
-# skip: importorskip would hide it.
-import equinox as eqx  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _extras
+
+eqx = _extras.require("equinox")  # a broken equinox errors, never skips
 
 import optax_cdg  # pylint: disable=g-import-not-at-top,wrong-import-position
 import _reference  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -226,7 +222,7 @@ def test_training_with_filter_value_and_grad_and_adam():
 
 
 def test_quickstart_equinox_runs_as_a_script(capsys):
-  pytest.importorskip("mlxtend")
+  _extras.require("mlxtend")
   sys.path.insert(0, os.path.join(ROOT, "examples"))
   try:
     import quickstart_equinox  # pylint: disable=g-import-not-at-top

@@ -17,6 +17,8 @@ import pytest
 
 import optax_cdg
 
+import _extras
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "examples"))
 
@@ -292,7 +294,7 @@ class CommonTest(absltest.TestCase):
 
 
 def test_quickstart_nnx_runs_at_tiny_size(capsys):
-  pytest.importorskip("mlxtend")
+  _extras.require("mlxtend")
   results = quickstart_nnx.main(["--epochs", "1", "--train-size", "64",
                                  "--batch-size", "32", "--widths", "4,8",
                                  "--no-progress"])

