@@ -361,11 +361,15 @@ def batch_indices(n: int, batch_size: int, steps: int,
 
 
 EVAL_BATCH = 1000
+_COMPILED: dict[Any, Any] = {}  # jitted functions, shared across settings
 
 
 def _accuracy_fn(model, batch: int = EVAL_BATCH):
   """Accuracy of every member, `batch` sequences at a time: 15 members of
   the width-64 ResNet on 20,000 sequences at once would hold over 10 GB."""
+  key = ("accuracy", model, batch)
+  if key in _COMPILED:  # one compile per model, not per setting
+    return _COMPILED[key]
 
   @jax.jit
   def correct(params, x, y):
@@ -377,10 +381,8 @@ def _accuracy_fn(model, batch: int = EVAL_BATCH):
                 for i in range(0, len(x), batch))
     return total / len(x)
 
+  _COMPILED[key] = acc
   return acc
-
-
-_COMPILED: dict[Any, Any] = {}
 
 
 def _chunk_fn(model, tx):

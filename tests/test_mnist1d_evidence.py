@@ -180,6 +180,9 @@ class TrainingTest(absltest.TestCase):
     want = np.mean(np.argmax(np.asarray(logits), -1) == y, axis=-1)
     np.testing.assert_allclose(got, want, atol=1e-12)
     self.assertEqual(got.shape, (2,))
+    # Compiled once per model and batch, not once per setting.
+    self.assertIs(m1d._accuracy_fn(m1d.make_model("resnet", 4), batch=50),
+                  m1d._accuracy_fn(model, batch=50))
 
 
 def _rec(method, setting, lr, seed, val, test):
