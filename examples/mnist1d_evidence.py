@@ -492,12 +492,11 @@ def train_members(model: nn.Module, method: Method, setting: Setting,
 def _save_checkpoint(path, key, bounds, state, losses, val_curve,
                      seconds) -> None:
   leaves = jax.tree.leaves(state)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp.npz"  # np.savez adds .npz to any other name
-  np.savez(tmp, members=key, bounds=bounds, seconds=seconds,
-           losses=np.concatenate(losses), val_curve=np.stack(val_curve),
-           **{f"leaf{i}": np.asarray(a) for i, a in enumerate(leaves)})
-  os.replace(tmp, path)  # a half-written checkpoint is never read
+  # save_arrays writes and renames: a half-written checkpoint is never read.
+  save_arrays(path, dict(
+      members=key, bounds=bounds, seconds=np.asarray(seconds),
+      losses=np.concatenate(losses), val_curve=np.stack(val_curve),
+      **{f"leaf{i}": np.asarray(a) for i, a in enumerate(leaves)}))
 
 
 def _load_checkpoint(path, key, bounds, like):
@@ -505,7 +504,7 @@ def _load_checkpoint(path, key, bounds, like):
   evaluations, or None (no file, or one saved for another run)."""
   if not os.path.exists(path):
     return None
-  with np.load(path) as f:
+  with np.load(path, allow_pickle=False) as f:
     leaves, treedef = jax.tree.flatten(like)
     saved = [f.get(f"leaf{i}") for i in range(len(leaves))]
     if (f["members"].shape != key.shape or np.any(f["members"] != key)
