@@ -1163,6 +1163,18 @@ def _width_tables(results: dict) -> list[dict]:
   return [t for t in results["tables"] if t["phase"] in ("decisive", "resnet")]
 
 
+_BEST = "best CDG (by validation)"
+# Series of the width plot: (x shift, so that intervals at one width do not
+# overlap; colour; marker; line style). The ResNet's series are dashed.
+_WIDTH_STYLE = {
+    _BEST: (0.96, "C0", "o", "-"),
+    "former default": (1.0, "C1", "o", "-"),
+    "default": (1.04, "C2", "o", "-"),
+    "former default, ResNet": (0.92, "C1", "s", "--"),
+    "default, ResNet": (1.08, "C2", "s", "--"),
+}
+
+
 def width_series(results: dict, candidates: Sequence[str]
                  ) -> dict[str, dict[str, list[tuple[int, dict]]]]:
   """{optimizer: {series: [(width, table row), ...]}} for `plot_width`: the
@@ -1171,9 +1183,7 @@ def width_series(results: dict, candidates: Sequence[str]
   tables = _width_tables(results)
   out = {}
   for opt in sorted({t["setting"]["optimizer"] for t in tables}):
-    series = {"best CDG (by validation)": [], "former default": [],
-              "default": [], "former default, ResNet": [],
-              "default, ResNet": []}
+    series = {name: [] for name in _WIDTH_STYLE}
     for t in tables:
       if t["setting"]["optimizer"] != opt:
         continue
@@ -1182,7 +1192,7 @@ def width_series(results: dict, candidates: Sequence[str]
       rows = [r for r in t["rows"] if r["delta_mean"] is not None]
       cdg = [r for r in rows if r["method"] in candidates]
       if cdg and not suffix:
-        series["best CDG (by validation)"].append(
+        series[_BEST].append(
             (w, max(cdg, key=lambda r: r["val_acc_mean"])))
       for name, spec in (("former default", FORMER_DEFAULT.spec),
                          ("default", DEFAULT.spec)):
@@ -1205,15 +1215,14 @@ def plot_width(results: dict, path: str, candidates: Sequence[str]) -> None:
   fig, axes = plt.subplots(1, max(1, len(by_opt)), squeeze=False,
                            figsize=(5 * max(1, len(by_opt)), 3.6))
   for ax, (opt, series) in zip(axes[0], by_opt.items()):
-    for k, (name, pts) in enumerate(series.items()):
+    for name, pts in series.items():
       if pts:
-        x = [p[0] * (0.96, 1.0, 1.04, 0.92, 1.08)[k] for p in pts]
+        shift, color, marker, ls = _WIDTH_STYLE[name]
+        x = [p[0] * shift for p in pts]
         ax.errorbar(x, [100 * p[1]["delta_mean"] for p in pts],
                     yerr=[100 * (p[1]["delta_ci95"] or 0) for p in pts],
-                    marker="o" if k < 3 else "s", capsize=3, label=name,
-                    ls="-" if k < 3 else "--",
-                    color=("C0", "C1", "C2", "C1", "C2")[k])
-        if k == 0:
+                    marker=marker, capsize=3, label=name, ls=ls, color=color)
+        if name == _BEST:
           for xi, p in zip(x, pts):
             ax.annotate(p[1]["method"], (xi, 100 * p[1]["delta_mean"]),
                         fontsize=6, xytext=(4, 4),
