@@ -16,7 +16,8 @@ HEARTBEAT_S = 10       # a dead process is noticed this long after it stops
 
 
 def example_args(mode: str, save: str, checkpoint_dir: str | None,
-                 processes: int, devices: int) -> list[str]:
+                 processes: int, devices: int,
+                 smoothing: float | None = None) -> list[str]:
   """examples/data_parallel.py's command line for a short, logged run."""
   args = ["--mode", mode, "--devices", str(devices), "--steps", str(STEPS),
           "--log-every", "1", "--no-eval", "--save", save,
@@ -24,6 +25,8 @@ def example_args(mode: str, save: str, checkpoint_dir: str | None,
   if checkpoint_dir:
     args += ["--checkpoint-dir", checkpoint_dir,
              "--checkpoint-every", str(CHECKPOINT_EVERY)]
+  if smoothing is not None:
+    args += ["--smoothing", str(smoothing)]
   if processes > 1:
     args += ["--coordinator", "{coordinator}", "--num-processes",
              "{num_processes}", "--process-id", "{process_id}"]
@@ -51,19 +54,25 @@ class ExampleRuns:
     os.makedirs(path, exist_ok=True)
     return path
 
-  def get(self, mode: str, processes: int, devices: int) -> dict:
-    """{"saved": per-process arrays, "outcomes", "checkpoint_dir"}."""
-    key = (mode, processes, devices)
+  def get(self, mode: str, processes: int, devices: int,
+          smoothing: float | None = None) -> dict:
+    """{"saved": per-process arrays, "outcomes", "checkpoint_dir"}.
+
+    `smoothing` None is the package default.
+    """
+    key = (mode, processes, devices, smoothing)
     if key not in self._runs:
-      d = self.directory(f"{mode}_{processes}x{devices}")
+      suffix = "" if smoothing is None else f"_smoothing{smoothing}"
+      d = self.directory(f"{mode}_{processes}x{devices}{suffix}")
       save = os.path.join(d, "final")
       # The FSDP run across processes is also the uninterrupted reference of
       # test_faults, so it writes the same checkpoints as the faulted run.
-      ckpt = (os.path.join(d, "ckpt") if (mode, processes) == ("fsdp", 2)
-              else None)
+      ckpt = (os.path.join(d, "ckpt")
+              if (mode, processes, smoothing) == ("fsdp", 2, None) else None)
       outcomes = harness.launch(
           EXAMPLE, processes, devices,
-          example_args(mode, save, ckpt, processes, devices), timeout=600)
+          example_args(mode, save, ckpt, processes, devices, smoothing),
+          timeout=600)
       harness.check(outcomes, results=False)
       self._runs[key] = {"saved": load_saved(save, processes),
                          "outcomes": outcomes, "checkpoint_dir": ckpt}
