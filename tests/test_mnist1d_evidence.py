@@ -1,8 +1,11 @@
-"""Tests of examples/mnist1d_evidence.py at tiny sizes."""
+"""Tests of studies/mnist1d_evidence.py at tiny sizes, and of its committed
+report."""
 
 import json
 import os
+import shutil
 import sys
+import tarfile
 import tempfile
 from unittest import mock
 
@@ -15,8 +18,9 @@ import pytest
 
 import _extras
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "examples"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "studies", "results")
+sys.path[:0] = [os.path.join(ROOT, "studies"), os.path.join(ROOT, "examples")]
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import mnist1d_evidence as m1d  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -213,6 +217,22 @@ class ReportTest(absltest.TestCase):
                                    0.01, 0))
       self.assertEqual(cache.all_records(), [rec])
 
+  def test_cache_unpacks_its_archive(self):
+    with tempfile.TemporaryDirectory() as d:
+      packed, out = os.path.join(d, "packed"), os.path.join(d, "out")
+      s = m1d.Setting("cnn", 32, "sgd", 100)
+      m = m1d.Method("baseline")
+      rec = _rec(m.spec, s.name, 0.01, 0, 0.5, 0.25)
+      m1d.Cache(packed).save(s, m, rec)
+      os.makedirs(out)
+      with tarfile.open(os.path.join(out, "runs.tar.xz"), "w:xz") as tar:
+        tar.add(os.path.join(packed, "runs"), "runs")
+      self.assertEqual(m1d.Cache(out).all_records(), [rec])
+      # Unpacked once: runs saved since are not overwritten by the archive.
+      rec2 = _rec(m.spec, s.name, 0.03, 0, 0.6, 0.5)
+      m1d.Cache(out).save(s, m, rec2)
+      self.assertEqual(m1d.Cache(out).all_records(), [rec, rec2])
+
   def test_table_pairs_at_chosen_lr_and_rule(self):
     s = m1d.Setting("cnn", 32, "sgd", 100)
     lrs, seeds = (0.01, 0.1), (0, 1, 2)
@@ -407,3 +427,27 @@ def test_make_data_then_run_from_file(tmp_path):
     m1d.load_arrays(str(tmp_path / "bad.npz"))
   with pytest.raises(ValueError, match="multiple of 10"):
     m1d.make_mnist1d(val=15)
+
+
+@pytest.mark.parametrize("name", ["mnist1d", "mnist1d_quick"])
+def test_committed_report_is_its_results_json(name):
+  """`--from-results` rewrites results.md from results.json alone."""
+  d = os.path.join(RESULTS, name)
+  with open(os.path.join(d, "results.json")) as f:
+    results = json.load(f)
+  with open(os.path.join(d, "results.md")) as f:
+    assert m1d.markdown(results) == f.read()
+
+
+def test_committed_report_regenerates_from_the_archive(tmp_path):
+  """The full sweep's 1,426 runs, packed in runs.tar.xz, give the committed
+  report again (mechanism included)."""
+  _extras.require("matplotlib")
+  d = os.path.join(RESULTS, "mnist1d")
+  shutil.copy(os.path.join(d, "runs.tar.xz"), tmp_path)
+  results = m1d.main(["--report-only", "--out", str(tmp_path)])
+  assert results["runs_finished"] == 1426
+  with open(os.path.join(d, "results.md")) as f:
+    assert (tmp_path / "results.md").read_text() == f.read()
+  with open(os.path.join(d, "results.json")) as f:
+    assert results["mechanism"] == json.load(f)["mechanism"]
