@@ -20,6 +20,7 @@ timeout "${T_TESTS:-120}" $PY -m pytest -q -x -p no:cacheprovider tests/test_ope
 # Issue 12, item 3: the first compile of the ResNet-50 update ("auto", "fft")
 # against optax.scale, cold caches, the compiles in turn, with the number of
 # distinct dot shapes (XLA autotunes each one); and LSGD on ResNet-18.
+timeout "${T_STEP:-240}" $PY benchmarks/step.py --runs 3 --reps 12 2>&1 | tee "$OUT/step.txt"
 timeout "${T_COMPILE:-180}" $PY benchmarks/operator.py --sections compile lsgd --compile-reps 3 --reps 11 2>&1 | tee "$OUT/compile_lsgd.txt"
 # Bounded memory at the large sizes, on the accelerator too.
 timeout "${T_MEMORY:-90}" $PY benchmarks/memory.py lsgd 3,3,128,128 axis 1048576 lsgd-tree resnet50 2>&1 | tee "$OUT/memory.txt"

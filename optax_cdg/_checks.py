@@ -22,7 +22,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "metric": ("sobolev", "sobolev_mean", "reweighted", "l2"),
     "boundary": ("periodic", "neumann"),
     "scale": ("unit", "grid"),
-    "method": ("auto", "fft", "matmul", "blocked", "closed"),
+    "method": ("auto", "fft", "closed"),
     "direction": ("output", "input", "spatial"),
 }
 # Other names users write for an option (the paper's, lower-cased), for the
@@ -32,8 +32,11 @@ _ALIASES: dict[str, dict[str, str]] = {
                "h~0": "reweighted", "h0": "l2", "euclidean": "l2"},
     "boundary": {"circular": "periodic", "wrap": "periodic",
                  "reflect": "neumann", "symmetric": "neumann"},
-    "method": {"dense": "matmul", "rfft": "fft", "dct": "fft"},
+    "method": {"rfft": "fft", "dct": "fft"},
 }
+
+# Methods of optax_cdg 0.1, named in their own error.
+_REMOVED_METHODS = ("matmul", "blocked")
 
 # Smoothing values that define an SPD metric: ">= 0" or "> 0" per metric.
 _POSITIVE = ("sobolev_mean", "reweighted")
@@ -77,12 +80,18 @@ def check_option(name: str, value: Any,
 
 def check_method(method: Any, metric: str) -> str:
   """`method` for `metric` (both checked)."""
+  if method in _REMOVED_METHODS:
+    raise ValueError(
+        f"method={method!r} was removed in optax_cdg 0.2: it gave the same "
+        "result as the FFT, and its speed did not reach the training step "
+        "(BENCHMARKS.md). Expected one of 'auto', 'fft', 'closed'; 'auto' "
+        "is the default.")
   check_option("method", method)
   if method == "closed" and metric not in ("reweighted", "l2"):
     raise ValueError(
         f"method='closed' is not available for metric={metric!r}: only "
-        "'reweighted' (and 'l2') have a closed form here; use 'auto', 'fft', "
-        "'matmul' or 'blocked'."
+        "'reweighted' (and 'l2') have a closed form here; use 'auto' or "
+        "'fft'."
     )
   return method
 
@@ -131,6 +140,11 @@ def scalar(value: Any, name: str = "smoothing") -> float | jax.Array:
     TypeError: for anything that is not a (real) scalar.
     ValueError: for a concrete complex scalar with a non-zero imaginary part.
   """
+  if value is None:
+    raise TypeError(
+        f"{name}=None is not a number: pass a float (the transform's default "
+        "is optax_cdg.DEFAULT_SMOOTHING = 0.1) or a schedule, a callable of "
+        "the step count.")
   if isinstance(value, bool) or isinstance(value, (str, bytes)):
     raise TypeError(
         f"{name}={value!r} must be a real number (or a schedule), "

@@ -96,11 +96,11 @@ def channel_spectrum(
     >>> spectrum["conv"]["kernel"].round(6).tolist(), spectrum["conv"]["bias"]
     ([0.0, 0.0, 0.0, 0.0, 1.0], None)
     >>> # CDG multiplies each E_k by gain_k ** 2:
-    >>> smoothed = optax_cdg.metric_gradient(w, 1e-2)
+    >>> smoothed = optax_cdg.metric_gradient(w, 1e-2, scale="unit")
     >>> ratio = (optax_cdg.channel_spectrum(smoothed, True)[4]
     ...          / optax_cdg.channel_spectrum(w, True)[4])
     >>> round(float(ratio), 4), round(float(
-    ...     optax_cdg.spectral_gain(8, 1e-2)[4] ** 2), 4)
+    ...     optax_cdg.spectral_gain(8, 1e-2, scale="unit")[4] ** 2), 4)
     (0.0789, 0.0789)
   """
   _checks.check_option("boundary", boundary)

@@ -52,16 +52,13 @@ def laplacian_smoothing(
   Unlike :func:`channel_directed`, this couples neighbours in the flattened
   order: mostly spatial taps and input channels of a conv kernel.
 
-  The cost is that of :func:`metric_gradient` along one axis of `n` values
-  (`method="auto"`: a matmul for small leaves, the blocked form up to a few
-  thousand values, the FFT above), in memory linear in the leaf's size
-  (docs/performance.md).
+  The cost is that of :func:`metric_gradient` along one axis of `n` values:
+  an rfft pair, `O(n log n)` work in memory linear in the leaf's size.
 
   Args:
     sigma: the smoothing, `>= 0` (0 is the identity). Osher et al. use 0.5 for
       ResNets on CIFAR-10 (SGD, lr 0.12, Nesterov momentum 0.9, wd 5e-4).
-    method: how the solve is applied, as in :func:`metric_gradient`: "auto",
-      "fft" (LSGD's own), "matmul" or "blocked"; all exact.
+    method: as in :func:`metric_gradient`: "auto" or "fft" (the same here).
 
   Returns:
     A stateless :class:`optax.GradientTransformationExtraArgs`.

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_cdg import _checks
-from optax_cdg import _methods
+from optax_cdg import _gains
 from optax_cdg import _sharding
+from optax_cdg._gains import DEFAULT_SCALE
+from optax_cdg._gains import DEFAULT_SMOOTHING
 
 
 def compute_dtype(dtype: Any) -> Any:
@@ -20,12 +24,12 @@ def compute_dtype(dtype: Any) -> Any:
 
 def metric_gradient(
     grad: jax.Array,
-    smoothing: Any,
+    smoothing: Any = DEFAULT_SMOOTHING,
     *,
     metric: str = "sobolev",
     axes: int | Sequence[int] = (-1,),
     boundary: str = "periodic",
-    scale: str = "unit",
+    scale: str = DEFAULT_SCALE,
     method: str = "auto",
 ) -> jax.Array:
   r"""The gradient in a channel-directed metric: `A^{-1} grad` along `axes`.
@@ -46,38 +50,27 @@ def metric_gradient(
   Neumann boundary, with the gains of :func:`optax_cdg.spectral_gain`. The
   "reweighted" metric needs no transform: `mean + (f - mean) / lam`.
 
-  `A^{-1}` is also a fixed symmetric matrix `K` per axis length, so it can be
-  applied exactly without a transform; `method` picks how (all agree to
-  float32 accuracy):
-
-  - "auto": the fastest exact method for the backend, the axis length and
-    the metric whose trace-time arrays stay within a fixed budget (the rule,
-    the cost of each method and the measurements are in
-    docs/performance.md); at every size it needs memory linear in the
-    array and at most `O(N log N)` work per fiber;
-  - "fft": the spectral transform above;
-  - "matmul": `x @ K` with `K` built in float64 at trace time (at run time,
-    from the eigenbasis, when `smoothing` is traced);
-  - "blocked": one axis cut into chunks of 8 to 64 values; `K` is a shared
-    diagonal block plus a rank-`R` coupling of the chunks (`R` = 2 for
-    "sobolev", 3 for "sobolev_mean"), so two skinny matmuls and a small mix.
-    Needs a concrete `smoothing` and a length divisible into such chunks;
-  - "closed": `mean + (f - mean) / lam`, for "reweighted" only.
+  The Neumann transform is the periodic one on the fiber's even extension
+  `[f, reversed f]` (whose DFT is the DCT-II), so one rfft of length `2 N`
+  serves both boundaries. Either way the work is `O(N log N)` per fiber and
+  the memory a few arrays of the gradient's size.
 
   Half-precision inputs are computed in float32 and returned in their dtype.
 
   Args:
     grad: a real floating-point array.
-    smoothing: `lam`, a number or a (possibly traced) scalar. "sobolev" needs
+    smoothing: `lam`, a number or a (possibly traced) scalar; the default is
+      the transform's, `DEFAULT_SMOOTHING`. "sobolev" needs
       `lam >= 0` (0 is the identity); "sobolev_mean" and "reweighted" need
       `lam > 0` ("reweighted" is the identity at 1).
     metric: "sobolev", "sobolev_mean", "reweighted" or "l2".
     axes: the direction: one axis, or several (their Laplacians are summed).
     boundary: "periodic" (FFT) or "neumann" (DCT-II).
-    scale: "unit" (`c(N) = N^2`, the axis is the unit interval) or "grid"
-      (`c(N) = 1`).
-    method: how `A^{-1}` is applied (above); every method gives the same
-      result to float32 accuracy, and a forced one is used as it is.
+    scale: "grid" (`c(N) = 1`; the default, as for the transform) or "unit"
+      (`c(N) = N^2`, the axis is the unit interval).
+    method: "auto" (the default: the closed form for "reweighted", the
+      transform otherwise), "fft" (the transform for every metric) or
+      "closed" ("reweighted" and "l2" only). All agree to float32 rounding.
 
   Returns:
     An array of the shape and dtype of `grad`.
@@ -88,7 +81,7 @@ def metric_gradient(
     >>> import jax.numpy as jnp
     >>> import optax_cdg
     >>> g = jnp.array([[0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
-    >>> y = optax_cdg.metric_gradient(g, 0.01)
+    >>> y = optax_cdg.metric_gradient(g, 0.01, scale="unit")
     >>> [round(v, 3) for v in y[0].tolist()]
     [0.202, 0.652, 2.12, 0.652, 0.202, 0.067, 0.038, 0.067]
     >>> round(float(y.sum()), 5)
@@ -124,25 +117,81 @@ def apply(
     boundary: str,
     scale: str,
     method: str,
-    block: int | None = None,
 ) -> jax.Array:
   """`metric_gradient` for checked options and a checked smoothing `lam`.
 
-  `grad` and `axes` are checked here, where they enter. `block` forces the
-  chunk size of "blocked" (benchmarks; None: the rule).
+  `grad` and `axes` are checked here, where they enter.
   """
   grad = _checks.float_array(grad)
   axes = _checks.axes(axes, grad.ndim)
   sizes = tuple(grad.shape[a] for a in axes)
   if metric == "l2" or grad.size == 0 or all(n == 1 for n in sizes):
     return grad
-  # The one place the method is chosen, and below the one it is applied.
-  method = _methods.choose(
-      method, metric, sizes, lam if _checks.is_concrete(lam) else None,
-      boundary=boundary, scale=scale, last_axis=axes == (grad.ndim - 1,),
-      backend=jax.default_backend())
-  op = _methods.Operator(method, axes, sizes, metric, boundary, scale,
-                         compute_dtype(grad.dtype), block)
+  closed = method == "closed" or (method == "auto" and metric == "reweighted")
+  op = Operator(closed, axes, sizes, metric, boundary, scale,
+                compute_dtype(grad.dtype))
   # Fiber-local on every device, however the array is sharded.
-  return _sharding.apply_fiberwise(op, grad, axes, *op.operands(lam,
-                                                                grad.ndim))
+  return _sharding.apply_fiberwise(op, grad, lam)
+
+
+@dataclasses.dataclass(frozen=True)
+class Operator:
+  """`A^{-1}` on every fiber along `axes`, bilinear in the array and gains.
+
+  `gains(lam)` are the operator's linear parameters (the spectral gains, or
+  for the closed form the gains of the mean and of the rest), and
+  `op(x, *gains)` is linear in each, so the derivative with respect to `lam`
+  is `op(x, *d gains / d lam)`. Hashable by value: it is a static argument
+  of the sharded application. A frozen dataclass rather than a NamedTuple:
+  jax < 0.9.2 takes a weak reference to every callable parameter.
+  """
+
+  closed: bool  # mean + (x - mean) / lam instead of the transform
+  axes: tuple[int, ...]  # sorted, non-negative
+  sizes: tuple[int, ...]
+  metric: str
+  boundary: str
+  scale: str
+  dtype: Any  # the compute dtype
+
+  def shifted(self, k: int) -> "Operator":
+    """The same operator on an array with `k` more leading (batch) axes."""
+    return dataclasses.replace(self, axes=tuple(a + k for a in self.axes))
+
+  def gains(self, lam: float | jax.Array) -> tuple[Any, ...]:
+    """The linear parameters for `lam`: numpy constants for a number."""
+    if self.closed:
+      if _checks.is_concrete(lam):
+        return (np.ones((), self.dtype), np.asarray(1.0 / lam, self.dtype))
+      rest = jnp.where(_checks.smoothing_valid(lam, self.metric), 1.0 / lam,
+                       jnp.nan)
+      return (jnp.ones((), self.dtype), rest.astype(self.dtype))
+    gain = _gains.gain(self.sizes, lam, self.metric, self.boundary,
+                       self.scale, extended=self.boundary == "neumann")
+    shape = [1] * (max(self.axes) + 1)
+    for a, n in zip(self.axes, gain.shape):
+      shape[a] = n
+    if isinstance(gain, np.ndarray):  # computed in float64, rounded once
+      return (np.asarray(gain, self.dtype).reshape(shape),)
+    return (jnp.asarray(gain, self.dtype).reshape(shape),)
+
+  def __call__(self, grad: jax.Array, *gains: jax.Array) -> jax.Array:
+    x = grad.astype(self.dtype)
+    # Gains are laid out for the last of `axes`; batch axes broadcast.
+    gains = tuple(jnp.reshape(g, jnp.shape(g) + (1,) * (
+        x.ndim - max(self.axes) - 1)) if jnp.ndim(g) else g for g in gains)
+    if self.closed:
+      mean = jnp.mean(x, axis=self.axes, keepdims=True)
+      return (gains[0] * mean + gains[1] * (x - mean)).astype(grad.dtype)
+    if self.boundary == "neumann":
+      # The DCT-II diagonalises the Laplacian with a reflecting boundary: it
+      # is the DFT of the even extension [x, reversed x], where the operator
+      # is periodic (docs/math.md).
+      for a in self.axes:
+        x = jnp.concatenate([x, jnp.flip(x, a)], axis=a)
+    ext = tuple(x.shape[a] for a in self.axes)
+    y = jnp.fft.irfftn(jnp.fft.rfftn(x, axes=self.axes) * gains[0], s=ext,
+                       axes=self.axes)
+    for a, n in zip(self.axes, self.sizes):  # the first half, for Neumann
+      y = jax.lax.slice_in_dim(y, 0, n, axis=a)
+    return y.astype(grad.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 import warnings
@@ -610,21 +611,56 @@ def resolve_kernels(kernels: Any, updates: Any) -> Any:
   return kernels
 
 
+def _model_hint(kernels: Any) -> str | None:
+  """How to select a model's kernels, if `kernels` is a model."""
+  nnx = getattr(sys.modules.get("flax"), "nnx", None)
+  linen = getattr(sys.modules.get("flax"), "linen", None)
+  eqx = _equinox()
+  if nnx is not None and isinstance(kernels, nnx.Module):
+    return "kernels=optax_cdg.nnx_conv_kernels(model)"
+  if linen is not None and isinstance(kernels, linen.Module):
+    return ("kernels=optax_cdg.linen_conv_kernels(module, x), with x an "
+            "example input")
+  if eqx is not None and isinstance(kernels, eqx.Module):
+    return ("kernels=None, which selects the weight of every Equinox Conv "
+            "and ConvTranspose exactly")
+  return None
+
+
 def check_kernels(kernels: Any) -> None:
-  """Build-time check of a `kernels` argument that is a tree."""
+  """Build-time check of a `kernels` argument."""
+  hint = _model_hint(kernels)
+  if hint is not None:
+    raise TypeError(
+        f"kernels={type(kernels).__name__}(...) is a model, not a selection "
+        f"of its conv kernels: pass {hint}.")
   if kernels is None or callable(kernels):
     return
   for path, spec in jax.tree_util.tree_flatten_with_path(
       kernels, is_leaf=is_spec_leaf)[0]:
-    if not is_spec_leaf(spec):
-      # An array here is what a callable `kernels` returns for the step
-      # count that optax.inject_hyperparams hands it.
-      hint = f" {STATIC_ARGS_HINT}" if hasattr(spec, "dtype") else ""
-      raise TypeError(
-          f"kernels: the value at {format_path(path)} is {spec!r}; expected "
-          "None, False, True, an output axis (int) or an optax_cdg.KernelSpec "
-          f"(or pass a callable or None).{hint}"
-      )
+    if is_spec_leaf(spec):
+      continue
+    where = format_path(path)
+    if hasattr(spec, "dtype") and np.ndim(spec) == 0:
+      # What a callable `kernels` returns for the step count that
+      # optax.inject_hyperparams hands it.
+      hint = f" {STATIC_ARGS_HINT}"
+    elif hasattr(spec, "shape"):
+      hint = (" It looks like a parameter or gradient array: pass a "
+              "selection, such as optax_cdg.conv_kernels(params), or leave "
+              "kernels=None.")
+    else:
+      hint = ""
+    raise TypeError(
+        f"kernels: the value at {where} is "
+        f"{_short(spec)}; expected None, False, True, an output axis (int) or "
+        f"an optax_cdg.KernelSpec (or pass a callable or None).{hint}")
+
+
+def _short(x: Any) -> str:
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return f"an array of shape {tuple(x.shape)} and dtype {x.dtype}"
+  return repr(x)
 
 
 def _describe_kernels(kernels: Any) -> str:
@@ -661,5 +697,28 @@ def warn_nothing_selected(updates: Any, kernels: Any) -> None:
       "category=optax_cdg.NoKernelsSelectedWarning), or make it an error "
       "with 'error'.",
       NoKernelsSelectedWarning,
-      stacklevel=3,
+      stacklevel=_user_stacklevel(),
   )
+
+
+# Frames in these packages are not the user's code.
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(m.__file__) + os.sep for m in (jax, optax, np)
+) + (os.path.dirname(__file__) + os.sep,)
+
+
+def _user_stacklevel() -> int:
+  """The `stacklevel` of the innermost frame outside the libraries.
+
+  So that the warning names the user's line (a train step calling
+  `tx.update`), not `optax/_src/_combining.py`. Flax's and Equinox's
+  wrappers count as libraries when they are imported.
+  """
+  dirs = _LIBRARY_DIRS + tuple(
+      os.path.dirname(m.__file__) + os.sep
+      for m in (sys.modules.get("flax"), _equinox()) if m is not None)
+  # Frame 2 is the caller of warn_nothing_selected, stacklevel 2 for it.
+  frame, level = sys._getframe(2), 2  # pylint: disable=protected-access
+  while frame is not None and frame.f_code.co_filename.startswith(dirs):
+    frame, level = frame.f_back, level + 1
+  return level if frame is not None else 2

@@ -8,10 +8,10 @@ per-shard computation explicitly:
 
 - explicit sharding (`jax.typeof(x).sharding` names mesh axes): `shard_map`
   over the array's own spec;
-- automatic sharding (plain `jit`, shardings invisible while tracing) on a
-  multi-device platform: `custom_partitioning`, which sees the shardings XLA
-  chose and lowers the same per-shard computation;
-- one device: the computation itself.
+- otherwise (automatic sharding: plain `jit`, shardings invisible while
+  tracing): `custom_partitioning`, which sees the shardings XLA chose and
+  lowers the same per-shard computation. On one device JAX inlines it, so
+  the same path runs on every host, whatever its device count.
 
 When a mesh axis shards a transform axis, it is moved onto another axis with
 an all-to-all, the fibers are transformed whole, and moved back. A kernel with
@@ -26,16 +26,18 @@ import math
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-# fn(x, *consts) -> array of x's shape, acting on each fiber along `axes`.
-# It must hash and compare by value (a NamedTuple with __call__, say): it is a
+# fn(x, *gains) -> array of x's shape, acting on each fiber along `fn.axes`,
+# linear in x and in the gains, self-adjoint in x; `fn.gains(lam)` gives the
+# gains. It must hash and compare by value (a frozen dataclass, say): it is a
 # static argument of custom_partitioning, which caches on it. Its method
 # `shifted(k)` returns the same operator for an array with k more leading axes
-# (used by vmap; constant operands broadcast from the right).
+# (used by vmap; gains broadcast from the right).
 FiberFn = Callable[..., jax.Array]
 
 _SpecEntries = list[tuple[str, ...]]
@@ -176,63 +178,73 @@ _partitioned.def_partition(partition=_partition,
                            sharding_rule=_rule)
 
 
-def _auto_path(fn: FiberFn, axes: tuple[int, ...], x, consts):
+def _auto_path(fn: FiberFn, axes: tuple[int, ...], x, lam, gains=None):
   """`custom_partitioning`, made differentiable and batchable.
 
   custom_partitioning has no JVP or batching rule. The operator is linear in
-  `x` and self-adjoint, so its VJP is itself; a vmapped call is the same
-  fiber-local computation on an array with one more leading axis.
+  `x` and self-adjoint, so its VJP in `x` is itself; it is linear in its
+  gains too, so its derivative in a traced `lam` is the same operator with
+  the gains' derivative. A vmapped call is the same fiber-local computation
+  on an array with one more leading axis (`gains` given, `lam` None).
   """
-
-  @jax.custom_vjp
-  def op(x, *consts):
-    return _batched(x, *consts)
 
   @jax.custom_batching.custom_vmap
-  def _batched(x, *consts):
-    return _partitioned(fn, axes, x, *consts)
+  def run(x, *gains):
+    return _partitioned(fn, axes, x, *gains)
 
-  @_batched.def_vmap
-  def _batched_rule(axis_size, in_batched, x, *consts):
-    if any(in_batched[1:]):
-      raise NotImplementedError(
-          "vmapping channel_directed over its smoothing on a multi-device "
-          "platform is not supported; vmap over the updates only.")
-    if not in_batched[0]:
-      return _batched(x, *consts), False
+  @run.def_vmap
+  def _run_batched(axis_size, in_batched, x, *gains):
     del axis_size
-    return _auto_path(fn.shifted(1), tuple(a + 1 for a in axes), x,
-                      consts), True
+    if any(in_batched[1:]):
+      # A batched smoothing: still fiber-local, but outside the partitioner.
+      in_axes = tuple(0 if b else None for b in in_batched)
+      return jax.vmap(fn, in_axes=in_axes)(x, *gains), True
+    if not in_batched[0]:
+      return run(x, *gains), False
+    return _auto_path(fn.shifted(1), tuple(a + 1 for a in axes), x, None,
+                      gains), True
 
-  def fwd(x, *consts):
-    if any(getattr(c, "perturbed", False) for c in consts):
-      raise NotImplementedError(
-          "differentiating channel_directed with respect to its smoothing on "
-          "a multi-device platform is not supported.")
-    values = tuple(c.value for c in consts)
-    return op(x.value, *values), values
+  if lam is None or isinstance(lam, float):
+    gains = fn.gains(lam) if gains is None else gains
 
-  def bwd(values, ct):
-    return (op(ct, *values),) + tuple(None for _ in values)
+    @jax.custom_vjp
+    def op(x):
+      return run(x, *gains)
 
-  op.defvjp(fwd, bwd, symbolic_zeros=True)
-  return op(x, *consts)
+    op.defvjp(lambda x: (op(x), None), lambda _, ct: (op(ct),))
+    return op(x)
+
+  @jax.custom_vjp
+  def op_lam(x, lam):
+    return run(x, *fn.gains(lam))
+
+  def fwd(x, lam):
+    keep = x.value if lam.perturbed else None
+    return op_lam(x.value, lam.value), (lam.value, keep)
+
+  def bwd(res, ct):
+    lam, x = res
+    ct_x = run(ct, *fn.gains(lam))
+    if x is None:
+      return ct_x, jnp.zeros_like(lam)
+    _, d_gains = jax.jvp(fn.gains, (lam,), (jnp.ones_like(lam),))
+    return ct_x, jnp.sum(ct * run(x, *d_gains)).astype(lam.dtype)
+
+  op_lam.defvjp(fwd, bwd, symbolic_zeros=True)
+  return op_lam(x, lam)
 
 
-def apply_fiberwise(fn: FiberFn, x: jax.Array, axes: Sequence[int],
-                    *consts: jax.Array) -> jax.Array:
-  """`fn(x, *consts)` for a `fn` that acts on each fiber along `axes` alone.
+def apply_fiberwise(fn: FiberFn, x: jax.Array, lam) -> jax.Array:
+  """`fn(x, *fn.gains(lam))` for a `fn` that acts on each fiber alone.
 
-  `fn` must be linear and self-adjoint in `x` (as the metric operators are);
-  `consts` (gains, matrices, smoothing) are replicated on every device.
+  `lam` is a Python float or a traced scalar; the gains are replicated on
+  every device.
   """
-  axes = tuple(sorted(a % x.ndim for a in axes))
+  axes = tuple(sorted(a % x.ndim for a in fn.axes))
   explicit = _explicit_entries(x)
   if explicit is not None and not any(explicit[0]):
     # Replicated on an explicit mesh: every device computes the whole result.
-    return fn(x, *consts)
+    return fn(x, *fn.gains(lam))
   if explicit is not None:
-    return _shard_map_path(fn, axes, x, consts, *explicit)
-  if jax.device_count() == 1:
-    return fn(x, *consts)
-  return _auto_path(fn, axes, x, consts)
+    return _shard_map_path(fn, axes, x, fn.gains(lam), *explicit)
+  return _auto_path(fn, axes, x, lam)

@@ -11,19 +11,13 @@ import optax
 from optax_cdg import _checks
 from optax_cdg import _operator
 from optax_cdg import _selection
+from optax_cdg._gains import DEFAULT_SCALE
+from optax_cdg._gains import DEFAULT_SMOOTHING
 
 Metric = Literal["sobolev", "sobolev_mean", "reweighted", "l2"]
 Boundary = Literal["periodic", "neumann"]
 Scale = Literal["unit", "grid"]
-Method = Literal["auto", "fft", "matmul", "blocked", "closed"]
-
-# Chosen by the rule fixed in docs/evidence.md before any test number was
-# read (MNIST-1D, CNN widths 32/64/128, AdamW and SGD-momentum, 5 paired
-# seeds): "sobolev" with scale="grid" at 0.1 damps the top channel frequency
-# by 1 / (1 + 4 * 0.1) = 0.71 at every width, where the former default
-# ("unit", 1e-4) damped it more the wider the layer (0.13 at 128 channels).
-DEFAULT_SMOOTHING = 0.1
-DEFAULT_SCALE: Scale = "grid"
+Method = Literal["auto", "fft", "closed"]
 
 
 class ChannelDirectedState(NamedTuple):
@@ -105,9 +99,9 @@ def channel_directed(
       error names the fix). When an update selects no leaf at all, a
       :class:`NoKernelsSelectedWarning` is issued at trace time (make it an
       error with `warnings.filterwarnings("error", category=...)`).
-    method: how `A^{-1}` is applied, all exact: "auto" (the fastest for the
-      backend, the axis length and the metric), "fft", "matmul", "blocked" or
-      "closed" (see :func:`metric_gradient`).
+    method: how `A^{-1}` is applied, all exact: "auto" (the closed form for
+      "reweighted", the FFT otherwise), "fft" or "closed" (see
+      :func:`metric_gradient`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its state is

@@ -54,10 +54,10 @@ class SpectrumTest(parameterized.TestCase):
     g = _random((3, 3, 4, 32), seed=2)
     lam = 1e-3 if metric == "sobolev" else 0.05
     smoothed = optax_cdg.metric_gradient(g, lam, metric=metric,
-                                         boundary=boundary)
+                                         boundary=boundary, scale="unit")
     before = optax_cdg.channel_spectrum(g, True, boundary=boundary)
     after = optax_cdg.channel_spectrum(smoothed, True, boundary=boundary)
-    gain = optax_cdg.spectral_gain(32, lam, metric=metric, boundary=boundary)
+    gain = optax_cdg.spectral_gain(32, lam, metric=metric, boundary=boundary, scale="unit")
     np.testing.assert_allclose(after, gain ** 2 * before, rtol=2e-4,
                                atol=1e-6 * float(jnp.max(before)))
 

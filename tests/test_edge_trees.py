@@ -61,7 +61,7 @@ class PassThroughTest(parameterized.TestCase):
     assert isinstance(out["masked"]["kernel"], optax.MaskedNode)
     np.testing.assert_allclose(
         out["conv"]["kernel"],
-        optax_cdg.metric_gradient(grads["conv"]["kernel"], 0.01), atol=1e-6)
+        optax_cdg.metric_gradient(grads["conv"]["kernel"], 0.01, scale="unit"), atol=1e-6)
 
   def test_inside_optax_masked(self):
     """optax.masked hands the transform MaskedNode leaves: they stay masked."""
@@ -75,7 +75,7 @@ class PassThroughTest(parameterized.TestCase):
       np.testing.assert_array_equal(out["b"]["kernel"], grads["b"]["kernel"])
       np.testing.assert_allclose(
           out["a"]["kernel"],
-          optax_cdg.metric_gradient(grads["a"]["kernel"], 0.01), atol=1e-6)
+          optax_cdg.metric_gradient(grads["a"]["kernel"], 0.01, scale="unit"), atol=1e-6)
 
 
 class NonFloatLeavesTest(parameterized.TestCase):
@@ -113,7 +113,7 @@ class NonFloatLeavesTest(parameterized.TestCase):
     with pytest.raises(TypeError, match=(
         f"grad must be a real floating-point array; got dtype "
         f"{jnp.dtype(dtype).name}")):
-      optax_cdg.metric_gradient(jnp.ones((2, 8), dtype), 0.1)
+      optax_cdg.metric_gradient(jnp.ones((2, 8), dtype), 0.1, scale="unit")
 
   def test_python_scalars_are_left_alone(self):
     grads = {"kernel": 1.5, "conv": {"kernel": _kernel((3, 2, 4))}}
@@ -138,7 +138,7 @@ class NumpySpecsTest(parameterized.TestCase):
     axis = int(spec.output_axis if isinstance(spec, optax_cdg.KernelSpec)
                else spec)
     np.testing.assert_array_equal(
-        out["k"], optax_cdg.metric_gradient(g, 0.01, axes=axis))
+        out["k"], optax_cdg.metric_gradient(g, 0.01, axes=axis, scale="unit"))
 
 
 class DegenerateShapesTest(parameterized.TestCase):

@@ -211,7 +211,7 @@ def test_training_with_filter_value_and_grad_and_adam():
         for name, axis in (("conv1", 0), ("conv2", 0), ("head", None)):
           g = getattr(grads, name).weight
           if axis is not None:
-            g = optax_cdg.metric_gradient(g, 1e-2, axes=(axis,))
+            g = optax_cdg.metric_gradient(g, 1e-2, axes=(axis,), scale="unit")
           np.testing.assert_allclose(
               getattr(new_model, name).weight - getattr(model, name).weight,
               -1e-2 * g / (jnp.abs(g) + 1e-8), atol=2e-5, err_msg=name)

@@ -93,7 +93,7 @@ class NonFiniteTest(parameterized.TestCase):
     y = x.copy()
     y[index] = np.nan
     op = jax.jit(lambda g: optax_cdg.metric_gradient(
-        g, _lam(metric), metric=metric, axes=axes, boundary=boundary))
+        g, _lam(metric), metric=metric, axes=axes, boundary=boundary, scale="unit"))
     out, ref = np.asarray(op(y)), np.asarray(op(x))
     mask = _fiber_mask(shape, axes, index)
     assert np.isnan(out[index])
@@ -148,7 +148,7 @@ class ExtremeSmoothingTest(parameterized.TestCase):
   def test_zero_smoothing_sobolev_is_the_identity(self):
     x = _random((3, 600), 7)
     for boundary in BOUNDARIES:
-      out = optax_cdg.metric_gradient(jnp.asarray(x), 0.0, boundary=boundary)
+      out = optax_cdg.metric_gradient(jnp.asarray(x), 0.0, boundary=boundary, scale="unit")
       np.testing.assert_allclose(out, x, rtol=0, atol=2e-6 * np.abs(x).max())
 
 
@@ -165,7 +165,7 @@ class HalfPrecisionRangeTest(parameterized.TestCase):
     lam = {"sobolev_mean": 1e-3, "reweighted": 0.9, "l2": 1.0}.get(metric,
                                                                    0.01)
     out = jax.jit(lambda g: optax_cdg.metric_gradient(
-        g, lam, metric=metric, boundary=boundary))(x16)
+        g, lam, metric=metric, boundary=boundary, scale="unit"))(x16)
     assert out.dtype == jnp.float16
     x = np.asarray(x16, np.float64)
     ref = apply_deflated(x, (-1,), (n,), lam, metric, boundary)

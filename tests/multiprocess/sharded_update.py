@@ -9,7 +9,7 @@ its devices. Reports, per case, the largest difference, whether the result
 kept its input's sharding, and the collectives of the compiled program with
 the bytes they move (see hlo.py).
 
-  sharded_update.py [--tree small|resnet18] [--methods auto,fft]
+  sharded_update.py [--tree small|resnet18] [--methods auto,closed]
 """
 
 import argparse
@@ -18,7 +18,7 @@ import harness
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--tree", choices=["small", "resnet18"], default="small")
-parser.add_argument("--methods", default="auto,fft")
+parser.add_argument("--methods", default="auto,closed")
 parser.add_argument("--modes", default="auto,explicit")
 args = parser.parse_args()
 
@@ -79,7 +79,8 @@ def main():
   local = jax.local_devices()[0]
   records = []
   for method in args.methods.split(","):
-    tx = optax_cdg.channel_directed(method=method)
+    tx = (optax_cdg.channel_directed(2.0, metric="reweighted", method=method)
+          if method == "closed" else optax_cdg.channel_directed(method=method))
     update = jax.jit(lambda g, tx=tx: tx.update(g, optax.EmptyState())[0])
     # The single-device reference, computed by this process alone.
     want = jax.device_get(update(jax.device_put(tree, local)))

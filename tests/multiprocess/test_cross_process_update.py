@@ -16,9 +16,9 @@ import harness
 pytestmark = pytest.mark.multiprocess
 
 WORKER = os.path.join(harness.HERE, "sharded_update.py")
-# (processes, devices each) -> methods checked. "fft" is bit-identical to
-# the single-device update; "auto" (the default) may differ in the last bit.
-TOPOLOGIES = {(2, 4): "auto,fft", (4, 2): "auto"}
+# (processes, devices each) -> methods checked: the default, and the
+# closed form ("reweighted" under "auto").
+TOPOLOGIES = {(2, 4): "auto,closed", (4, 2): "auto"}
 _RUNS = {}
 
 
@@ -45,8 +45,11 @@ def _check(results, processes, devices):
              f"{rec['mode']} {rec['case']} {rec['spec']}"
       # Every addressable shard of every leaf was compared.
       assert rec["shards_checked"] % devices == 0 and rec["shards_checked"]
-      tol = 0.0 if rec["method"] == "fft" else 1e-6
-      assert rec["max_abs_diff"] <= tol, (name, rec["max_abs_diff"])
+      # The same fibers through the same FFT code, but in batches of other
+      # sizes, whose SIMD remainders differ by CPU (AVX2, AVX-512): within
+      # a few roundings of values of size ~1 (tests/_bounds.py has the
+      # per-fiber bound; the worst seen on AMD is 0).
+      assert rec["max_abs_diff"] <= 1e-6, (name, rec["max_abs_diff"])
       assert rec["sharding_kept"], name
       kinds = {c["kind"] for c in rec["collectives"]}
       if rec["splits_transform_axis"]:
