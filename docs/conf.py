@@ -24,6 +24,9 @@ extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
+    # Formulas are rendered in the reader's browser by MathJax, which Sphinx
+    # loads from a CDN (its default mathjax_path, not set here): offline they
+    # show as their LaTeX source. The build itself fetches nothing.
     "sphinx.ext.mathjax",
 ]
 # No sphinx.ext.intersphinx: the build must not fetch anything.
@@ -43,7 +46,9 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_default_options = {"members": True}
 
-html_theme = "alabaster"
+# Optax's theme. It ships its own fonts, icons and scripts, and downloads
+# nothing at build time (no version switcher is configured).
+html_theme = "sphinx_book_theme"
 html_title = f"optax_cdg {release}"
 default_role = "code"  # docstrings write inline code as `x`, as Markdown does
 
