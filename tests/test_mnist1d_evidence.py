@@ -110,11 +110,23 @@ class TrainingTest(absltest.TestCase):
     alone = m1d.train_members(model, method, setting, data, [(0.003, 1)],
                               evals=3)
     a, b = together[1], alone[0]
-    np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
-    np.testing.assert_allclose(a["val_curve"], b["val_curve"], atol=1e-6)
-    self.assertEqual(a["test_acc"], b["test_acc"])
-    # The two members differ (another lr and seed), and the loss fell.
-    self.assertNotEqual(together[0]["train_loss"], a["train_loss"])
+    # vmap batches the convs, so XLA sums in another order: the same
+    # arithmetic up to float32 reordering, which 12 steps carry forward (a
+    # ReLU switching branch is a jump, so no smooth bound holds; see
+    # tests/multiprocess/test_cross_process_training.py). The check must
+    # see a change of what is computed: the other member (another rate and
+    # seed) is asserted to differ by far more than the tolerance, and an
+    # accuracy may differ by one prediction at a decision boundary.
+    tol = 1e-3
+    np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=tol)
+    other = together[0]["train_loss"]
+    self.assertGreater(np.max(np.abs(np.subtract(other, a["train_loss"]))
+                              / np.abs(a["train_loss"])), 10 * tol)
+    n_val, n_test = len(data["val"].y), len(data["test"].y)
+    np.testing.assert_allclose(a["val_curve"], b["val_curve"],
+                               atol=1 / n_val + 1e-9)
+    self.assertLessEqual(abs(a["test_acc"] - b["test_acc"]),
+                         1 / n_test + 1e-9)
     fast = together[0]["train_loss"]
     self.assertLess(np.mean(fast[-3:]), np.mean(fast[:3]))
     self.assertEqual(a["eval_steps"], [4, 8, 12])
