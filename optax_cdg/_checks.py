@@ -1,8 +1,6 @@
-"""Argument checks: every public argument of the package is checked here.
+"""Argument checks, one per argument, called where the argument enters.
 
-Each argument is checked once, where it enters (the factory or the public
-function); everything below works with checked values. Errors name the
-parameter, the value and what is allowed.
+Errors name the parameter, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -16,8 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The string options, in one table: name -> allowed values. `direction` is
-# listed for its hints; its allowed values are the selection module's.
+# The string options, in one table.
 OPTIONS: dict[str, tuple[str, ...]] = {
     "metric": ("sobolev", "sobolev_mean", "reweighted", "l2"),
     "boundary": ("periodic", "neumann"),
@@ -25,54 +22,28 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "method": ("auto", "fft", "closed"),
     "direction": ("output", "input", "spatial"),
 }
-# Other names users write for an option (the paper's, lower-cased), for the
-# hint in the error only: an alias is never accepted silently.
-_ALIASES: dict[str, dict[str, str]] = {
-    "metric": {"h1": "sobolev", "h^1": "sobolev", "h~1": "sobolev_mean",
-               "h~0": "reweighted", "h0": "l2", "euclidean": "l2"},
-    "boundary": {"circular": "periodic", "wrap": "periodic",
-                 "reflect": "neumann", "symmetric": "neumann"},
-    "method": {"rfft": "fft", "dct": "fft"},
-}
-
-# Methods of optax_cdg 0.1, named in their own error.
-_REMOVED_METHODS = ("matmul", "blocked")
-
-# Smoothing values that define an SPD metric: ">= 0" or "> 0" per metric.
+# Names users write for an option (the paper's, lower-cased): for the hint
+# in the error only, never accepted silently.
+_ALIASES = {"h1": "sobolev", "h^1": "sobolev", "h~1": "sobolev_mean",
+            "h~0": "reweighted", "h0": "l2", "euclidean": "l2",
+            "circular": "periodic", "wrap": "periodic", "reflect": "neumann",
+            "symmetric": "neumann", "rfft": "fft", "dct": "fft"}
+# Metrics whose smoothing must be > 0 (the others need >= 0).
 _POSITIVE = ("sobolev_mean", "reweighted")
 
 
-def _suggestion(name: str, value: str, allowed: Sequence[str]) -> str | None:
-  low = value.strip().lower()
-  if low in allowed:
-    return low
-  alias = _ALIASES.get(name, {}).get(low.replace(" ", ""))
-  if alias in allowed:
-    return alias
-  close = difflib.get_close_matches(low, allowed, n=1, cutoff=0.6)
-  return close[0] if close else None
-
-
-def check_option(name: str, value: Any,
-                 allowed: Sequence[str] | None = None) -> str:
-  """Returns `value` if it is one of the allowed strings, else raises.
-
-  Args:
-    name: the parameter's name, a key of `OPTIONS` unless `allowed` is given.
-    value: the value passed.
-    allowed: the allowed values, if not `OPTIONS[name]`.
-
-  Raises:
-    ValueError: naming the parameter, the value, the allowed values and, for
-      a misspelt or aliased string, the likely one.
-  """
-  allowed = tuple(OPTIONS[name] if allowed is None else allowed)
+def check_option(name: str, value: Any) -> str:
+  """`value` if it is one of `OPTIONS[name]`; else a ValueError with a hint."""
+  allowed = OPTIONS[name]
   if isinstance(value, str) and value in allowed:
     return value
   msg = (f"{name}={value!r} is not supported; expected one of "
          f"{', '.join(repr(a) for a in allowed)}.")
   if isinstance(value, str):
-    hint = _suggestion(name, value, allowed)
+    low = value.strip().lower()
+    hint = low if low in allowed else _ALIASES.get(low.replace(" ", ""))
+    if hint not in allowed:
+      hint = next(iter(difflib.get_close_matches(low, allowed, 1, 0.6)), None)
     if hint is not None:
       msg += f" Did you mean {hint!r}?"
   raise ValueError(msg)
@@ -80,7 +51,7 @@ def check_option(name: str, value: Any,
 
 def check_method(method: Any, metric: str) -> str:
   """`method` for `metric` (both checked)."""
-  if method in _REMOVED_METHODS:
+  if method in ("matmul", "blocked"):  # the methods of optax_cdg 0.1
     raise ValueError(
         f"method={method!r} was removed in optax_cdg 0.2: it gave the same "
         "result as the FFT, and its speed did not reach the training step "
@@ -91,87 +62,50 @@ def check_method(method: Any, metric: str) -> str:
     raise ValueError(
         f"method='closed' is not available for metric={metric!r}: only "
         "'reweighted' (and 'l2') have a closed form here; use 'auto' or "
-        "'fft'."
-    )
+        "'fft'.")
   return method
-
-
-def _real_part(value: Any, name: str) -> Any:
-  """A complex scalar with a zero imaginary part as its real part.
-
-  `optax.inject_hyperparams` casts numeric hyperparameters to the widest
-  dtype of the params, so one complex leaf makes `smoothing` complex.
-  """
-  imag = np.imag(value)
-  if np.any(imag != 0):
-    raise ValueError(
-        f"{name}={value!r} must be real; it has a non-zero imaginary part.")
-  return np.real(value)
-
-
-def _traced_scalar(value: jax.Array, name: str) -> jax.Array:
-  """A traced smoothing value as a real scalar of the default float dtype."""
-  dtype = value.dtype
-  real = (jnp.issubdtype(dtype, jnp.floating)
-          or jnp.issubdtype(dtype, jnp.integer))
-  if jnp.shape(value) != () or not (
-      real or jnp.issubdtype(dtype, jnp.complexfloating)):
-    raise TypeError(
-        f"{name} must be a real scalar; got a traced value of shape "
-        f"{jnp.shape(value)} and dtype {dtype}."
-    )
-  # The default float: float64 under jax_enable_x64, so that float64
-  # gradients keep full precision with a traced smoothing too.
-  out_dtype = jnp.result_type(float)
-  if real:
-    return jnp.asarray(value, out_dtype)
-  # Complex (Optax's cast): a non-zero imaginary part cannot raise under a
-  # trace, so it poisons the value like any other rejected one.
-  return jnp.where(jnp.imag(value) == 0,
-                   jnp.real(value).astype(out_dtype), jnp.nan)
 
 
 def scalar(value: Any, name: str = "smoothing") -> float | jax.Array:
   """A Python float for a concrete real scalar, a jax scalar for a tracer.
 
-  A complex scalar whose imaginary part is zero counts as real.
-
-  Raises:
-    TypeError: for anything that is not a (real) scalar.
-    ValueError: for a concrete complex scalar with a non-zero imaginary part.
+  A complex scalar with a zero imaginary part counts as real:
+  `optax.inject_hyperparams` casts hyperparameters to the params' widest
+  dtype, so one complex leaf makes `smoothing` complex.
   """
   if value is None:
     raise TypeError(
         f"{name}=None is not a number: pass a float (the transform's default "
         "is optax_cdg.DEFAULT_SMOOTHING = 0.1) or a schedule, a callable of "
         "the step count.")
-  if isinstance(value, bool) or isinstance(value, (str, bytes)):
-    raise TypeError(
-        f"{name}={value!r} must be a real number (or a schedule), "
-        f"not {type(value).__name__}."
-    )
+  if isinstance(value, (bool, str, bytes)):
+    raise TypeError(f"{name}={value!r} must be a real number (or a "
+                    f"schedule), not {type(value).__name__}.")
   if isinstance(value, numbers.Real):
     return float(value)
-  if isinstance(value, jax.core.Tracer):
-    return _traced_scalar(value, name)
+  tracer = isinstance(value, jax.core.Tracer)
   try:
-    arr = np.asarray(value)
+    arr = value if tracer else np.asarray(value)
   except Exception as e:  # pylint: disable=broad-except
     raise TypeError(
-        f"{name}={value!r} must be a real number (or a schedule)."
-    ) from e
-  if arr.shape == () and np.issubdtype(arr.dtype, np.complexfloating):
-    arr = _real_part(arr, name)
-  if arr.shape != () or not (
-      np.issubdtype(arr.dtype, np.floating)
-      or np.issubdtype(arr.dtype, np.integer)
-      or arr.dtype == jnp.bfloat16
-  ):
-    raise TypeError(
-        f"{name}={value!r} must be a real scalar; got shape {arr.shape} and "
-        f"dtype {arr.dtype}."
-    )
-  return float(arr)
+        f"{name}={value!r} must be a real number (or a schedule).") from e
+  complex_ = jnp.issubdtype(arr.dtype, jnp.complexfloating)
+  if jnp.shape(arr) != () or not (
+      complex_ or jnp.issubdtype(arr.dtype, jnp.floating)
+      or jnp.issubdtype(arr.dtype, jnp.integer)):
+    head = name if tracer else f"{name}={value!r}"
+    got = "a traced value of shape" if tracer else "shape"
+    raise TypeError(f"{head} must be a real scalar; got {got} "
+                    f"{jnp.shape(arr)} and dtype {arr.dtype}.")
+  if tracer:
+    # The default float (float64 under jax_enable_x64). A non-zero imaginary
+    # part cannot raise under a trace: it poisons the value instead.
+    out = jnp.real(arr).astype(jnp.result_type(float))
+    return jnp.where(jnp.imag(arr) == 0, out, jnp.nan) if complex_ else out
+  if np.imag(arr) != 0:
+    raise ValueError(
+        f"{name}={value!r} must be real; it has a non-zero imaginary part.")
+  return float(np.real(arr))
 
 
 def is_concrete(lam: float | jax.Array) -> bool:
@@ -182,86 +116,71 @@ def is_concrete(lam: float | jax.Array) -> bool:
 def smoothing_valid(lam, metric: str):
   """Whether `lam` defines an SPD metric (a bool, or a traced bool)."""
   xp = np if is_concrete(lam) else jnp
-  positive = lam > 0 if metric in _POSITIVE else lam >= 0
-  return xp.isfinite(lam) & positive
+  return xp.isfinite(lam) & (lam > 0 if metric in _POSITIVE else lam >= 0)
 
 
 def check_smoothing(value: Any, metric: str,
                     name: str = "smoothing") -> float | jax.Array:
-  """The smoothing value, checked for `metric`: see `scalar`.
+  """`scalar(value)`, valid for `metric` when concrete.
 
-  A concrete value the metric rejects raises a ValueError; a traced one is
-  returned as it is (the gains turn NaN instead, since it cannot raise).
+  A traced value is returned as it is: the gains turn NaN instead, since it
+  cannot raise.
   """
   lam = scalar(value, name)
   if not is_concrete(lam) or smoothing_valid(lam, metric):
     return lam
   need = "> 0" if metric in _POSITIVE else ">= 0"
-  # LSGD's sigma has no metric argument to blame.
   where = f" for metric={metric!r}" if name == "smoothing" else ""
-  raise ValueError(
-      f"{name}={lam!r} is not valid{where}: it must be a finite number "
-      f"{need}."
-  )
+  raise ValueError(f"{name}={lam!r} is not valid{where}: it must be a finite "
+                   f"number {need}.")
+
+
+def _ints(value: Any, name: str, what: str) -> tuple[int, ...]:
+  """An int or a sequence of ints (no bools, no silent `int()`)."""
+  if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    return (int(value),)
+  try:
+    items = () if isinstance(value, (str, bytes)) else tuple(value)
+  except TypeError:
+    items = ()
+  if not items and not isinstance(value, (tuple, list)):
+    raise TypeError(f"{name}={value!r} must be an int or {what}.")
+  for a in items:
+    if isinstance(a, bool) or not isinstance(a, numbers.Integral):
+      raise TypeError(f"{name}={value!r} must contain ints; got {a!r}.")
+  return tuple(int(a) for a in items)
 
 
 def sizes(value: int | Sequence[int]) -> tuple[int, ...]:
   """Axis lengths: an int or a non-empty sequence of non-negative ints."""
-  if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-    value = (int(value),)
-  if isinstance(value, (str, bytes)):
-    raise TypeError(f"sizes={value!r} must be an int or a sequence of ints.")
-  try:
-    items = tuple(value)  # type: ignore[arg-type]
-  except TypeError as e:
-    raise TypeError(
-        f"sizes={value!r} must be an int or a sequence of ints."
-    ) from e
-  # No silent int(): a length of 2.5, "8" or True is a mistake.
-  if any(isinstance(s, bool) or not isinstance(s, numbers.Integral)
-         for s in items):
-    raise TypeError(f"sizes={value!r} must be an int or a sequence of ints.")
-  out = tuple(int(s) for s in items)
+  out = _ints(value, "sizes", "a sequence of ints")
   if not out or any(s < 0 for s in out):
     raise ValueError(
-        f"sizes={out!r} must be one or more non-negative axis lengths."
-    )
+        f"sizes={out!r} must be one or more non-negative axis lengths.")
   return out
 
 
-def axes(value: int | Sequence[int], ndim: int,
-         name: str = "axes") -> tuple[int, ...]:
-  """Sorted non-negative axes, validated against `ndim`."""
-  if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-    value = (value,)
-  try:
-    items = tuple(value)  # type: ignore[arg-type]
-  except TypeError as e:
-    raise TypeError(
-        f"{name}={value!r} must be an int or a tuple of ints.") from e
+def axes(value: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+  """Sorted non-negative axes of an array with `ndim` dimensions."""
+  items = _ints(value, "axes", "a tuple of ints")
   if not items:
-    raise ValueError(f"{name}=() must name at least one axis.")
-  out = []
+    raise ValueError("axes=() must name at least one axis.")
   for a in items:
-    if isinstance(a, bool) or not isinstance(a, numbers.Integral):
-      raise TypeError(f"{name}={items!r} must contain ints; got {a!r}.")
     if not -ndim <= a < ndim:
       raise ValueError(
-          f"{name}={items!r}: axis {a} is out of range for an array with "
-          f"{ndim} dimensions (allowed: {-ndim} .. {ndim - 1})."
-      )
-    out.append(int(a) % ndim)
+          f"axes={items!r}: axis {a} is out of range for an array with "
+          f"{ndim} dimensions (allowed: {-ndim} .. {ndim - 1}).")
+  out = sorted(a % ndim for a in items)
   if len(set(out)) != len(out):
-    raise ValueError(f"{name}={items!r} names the same axis twice.")
-  return tuple(sorted(out))
+    raise ValueError(f"axes={items!r} names the same axis twice.")
+  return tuple(out)
 
 
 def float_array(grad: Any, name: str = "grad") -> jax.Array:
-  """`grad` as an array (if it is not one), which must be real floating."""
+  """`grad` as an array, which must be real floating point."""
   if not hasattr(grad, "dtype") or not hasattr(grad, "shape"):
     grad = jnp.asarray(grad)
   if not jnp.issubdtype(grad.dtype, jnp.floating):
     raise TypeError(
-        f"{name} must be a real floating-point array; got dtype {grad.dtype}."
-    )
+        f"{name} must be a real floating-point array; got dtype {grad.dtype}.")
   return grad

@@ -107,13 +107,9 @@ def channel_spectrum(
   if not isinstance(normalize, bool):
     raise TypeError(f"normalize={normalize!r} must be a bool.")
   _selection.check_kernels(kernels)
-  spec = _selection.resolve_kernels(kernels, tree)
-
-  def one(x, axes):
-    (axis,) = axes
-    return _Spectrum(_fiber_energy(x, axis, boundary, normalize))
-
-  out = _selection.map_selected(one, tree, spec, "output")
+  out, _ = _selection.map_selected(
+      lambda x, axes: _Spectrum(_fiber_energy(x, *axes, boundary, normalize)),
+      tree, kernels, "output")
   return jax.tree.map(
       lambda x: x.value if isinstance(x, _Spectrum) else None, out,
       is_leaf=lambda x: isinstance(x, _Spectrum) or _selection.is_passthrough(x))

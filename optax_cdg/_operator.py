@@ -160,7 +160,7 @@ class Operator:
 
   def gains(self, lam: float | jax.Array) -> tuple[Any, ...]:
     """The linear parameters for `lam`: numpy constants for a number."""
-    if self.closed:
+    if self.closed:  # the gains of the mean and of the rest
       if _checks.is_concrete(lam):
         return (np.ones((), self.dtype), np.asarray(1.0 / lam, self.dtype))
       rest = jnp.where(_checks.smoothing_valid(lam, self.metric), 1.0 / lam,
@@ -168,18 +168,12 @@ class Operator:
       return (jnp.ones((), self.dtype), rest.astype(self.dtype))
     gain = _gains.gain(self.sizes, lam, self.metric, self.boundary,
                        self.scale, extended=self.boundary == "neumann")
-    shape = [1] * (max(self.axes) + 1)
-    for a, n in zip(self.axes, gain.shape):
-      shape[a] = n
-    if isinstance(gain, np.ndarray):  # computed in float64, rounded once
-      return (np.asarray(gain, self.dtype).reshape(shape),)
-    return (jnp.asarray(gain, self.dtype).reshape(shape),)
+    # A concrete gain is computed in float64 and rounded once.
+    return ((np if isinstance(gain, np.ndarray) else jnp).asarray(
+        gain, self.dtype),)
 
   def __call__(self, grad: jax.Array, *gains: jax.Array) -> jax.Array:
     x = grad.astype(self.dtype)
-    # Gains are laid out for the last of `axes`; batch axes broadcast.
-    gains = tuple(jnp.reshape(g, jnp.shape(g) + (1,) * (
-        x.ndim - max(self.axes) - 1)) if jnp.ndim(g) else g for g in gains)
     if self.closed:
       mean = jnp.mean(x, axis=self.axes, keepdims=True)
       return (gains[0] * mean + gains[1] * (x - mean)).astype(grad.dtype)
@@ -189,9 +183,12 @@ class Operator:
       # is periodic (docs/math.md).
       for a in self.axes:
         x = jnp.concatenate([x, jnp.flip(x, a)], axis=a)
+    shape = [1] * x.ndim  # the gains along `axes`, broadcast elsewhere
+    for a, n in zip(self.axes, jnp.shape(gains[0])):
+      shape[a] = n
     ext = tuple(x.shape[a] for a in self.axes)
-    y = jnp.fft.irfftn(jnp.fft.rfftn(x, axes=self.axes) * gains[0], s=ext,
-                       axes=self.axes)
+    y = jnp.fft.irfftn(jnp.fft.rfftn(x, axes=self.axes)
+                       * jnp.reshape(gains[0], shape), s=ext, axes=self.axes)
     for a, n in zip(self.axes, self.sizes):  # the first half, for Neumann
       y = jax.lax.slice_in_dim(y, 0, n, axis=a)
     return y.astype(grad.dtype)

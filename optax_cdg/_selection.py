@@ -8,7 +8,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,6 @@ import numpy as np
 import optax
 
 Direction = Literal["output", "input", "spatial"]
-DIRECTIONS: tuple[str, ...] = get_args(Direction)
 
 
 class KernelSpec(NamedTuple):
@@ -29,14 +28,12 @@ class KernelSpec(NamedTuple):
     output_axis: the output-channel axis: -1 for Flax's `Conv`, `ConvLocal`
       and `ConvTranspose`; -2 for `ConvTranspose(transpose_kernel=True)`;
       0 for OIHW (Equinox, PyTorch) kernels.
-    stacked_axes: how many leading axes stack layers (`nn.scan`, `nn.vmap`,
-      `nnx.vmap`/`nnx.scan`, `eqx.filter_vmap`): they are neither channel nor
-      spatial axes, and the channel axes may not be among them.
+    stacked_axes: how many leading axes stack layers (`nn.scan`, `nnx.vmap`,
+      `eqx.filter_vmap`, ...): neither channel nor spatial axes.
     input_axis: the input-channel axis, needed only by `direction="input"`
       and `"spatial"`. None means the other of the last two axes when
       `output_axis` is one of them (Flax's layouts), and is an error for
-      those directions otherwise. `"spatial"` means every axis that is
-      neither stacked nor a channel axis.
+      those directions otherwise.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -58,11 +55,11 @@ class KernelSpec(NamedTuple):
 
 
 class NoKernelsSelectedWarning(UserWarning):
-  """Raised when `channel_directed` selects no leaf of an updates tree.
+  """Issued when `channel_directed` selects no leaf of an updates tree.
 
   The transform then returns the updates unchanged, which looks like
-  success; this warning (issued once per trace, at trace time) says so.
-  Silence it, or make it an error, with Python's warning filters.
+  success. Issued once per trace; silence it, or make it an error, with
+  Python's warning filters.
 
   Examples:
     >>> import warnings
@@ -80,12 +77,8 @@ class NoKernelsSelectedWarning(UserWarning):
   """
 
 
-# A value in a `kernels` tree: None/False (leave alone), True (a Flax conv
-# kernel), an int (its output axis) or a KernelSpec.
-Spec = None | bool | int | KernelSpec
-
-
 def is_spec_leaf(x: Any) -> bool:
+  """A value of a `kernels` tree: None, a bool, an output axis or a spec."""
   return x is None or isinstance(
       x, (bool, int, np.bool_, np.integer, KernelSpec))
 
@@ -95,145 +88,92 @@ def is_passthrough(x: Any) -> bool:
   return x is None or isinstance(x, optax.MaskedNode)
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:
   """The names along a key path, without the `.value` of an nnx Variable."""
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
-      path[-1].name == "value"
-  ):
+  if path and getattr(path[-1], "name", None) == "value" and isinstance(
+      path[-1], jax.tree_util.GetAttrKey):
     path = path[:-1]
-  return tuple(_key_name(k) for k in path)
+  return tuple(str(next((getattr(k, a) for a in ("key", "name", "idx")
+                         if hasattr(k, a)), k)) for k in path)
 
 
 def format_path(path: Sequence[Any]) -> str:
   return "/".join(path_names(path)) or "<root>"
 
 
-_ATTENTION_PARTS = frozenset({"query", "key", "value", "out"})
-_GENERAL_MODULE = re.compile(
-    r"^(DenseGeneral|LinearGeneral|Einsum|Fp8Einsum|MultiHeadDotProductAttention"
-    r"|MultiHeadAttention|SelfAttention)(_\d+)?$"
-)
+_NOT_CONV = re.compile(
+    r"^(query|key|value|out|((DenseGeneral|LinearGeneral|Einsum|Fp8Einsum"
+    r"|MultiHeadDotProductAttention|MultiHeadAttention|SelfAttention)"
+    r"(_\d+)?))$")
 
 
 def _looks_like_conv_kernel(path: Sequence[Any], leaf: Any) -> bool:
   names = path_names(path)
-  if not names or names[-1] != "kernel":
-    return False
-  if not hasattr(leaf, "ndim") or leaf.ndim < 3:
-    return False
-  if not jnp.issubdtype(leaf.dtype, jnp.floating):
-    return False
-  return not any(
-      n in _ATTENTION_PARTS or _GENERAL_MODULE.match(n) for n in names[:-1]
-  )
+  return (bool(names) and names[-1] == "kernel" and hasattr(leaf, "ndim")
+          and leaf.ndim >= 3 and jnp.issubdtype(leaf.dtype, jnp.floating)
+          and not any(_NOT_CONV.match(n) for n in names[:-1]))
 
 
 STATIC_ARGS_HINT = (
     "optax.inject_hyperparams treats every callable argument as a schedule "
     "and calls it with the step count: pass static_args=(\"kernels\",) to "
-    "optax.inject_hyperparams."
-)
+    "optax.inject_hyperparams.")
 
 
 def reject_step_count(tree: Any, who: str) -> None:
-  """Raises a TypeError naming `static_args` when handed a step count.
+  """A TypeError naming `static_args` for the step count, not a tree.
 
-  `optax.inject_hyperparams` calls every callable argument with the step
-  count (a scalar integer array); a selection callable receiving one would
-  otherwise select nothing and turn the transform into the identity.
+  `optax.inject_hyperparams` calls every callable argument with it; a
+  selection would select nothing and make the transform the identity.
   """
   if (isinstance(tree, (jax.Array, np.ndarray, np.integer))
       and np.ndim(tree) == 0 and jnp.issubdtype(tree.dtype, jnp.integer)):
-    raise TypeError(
-        f"{who} was called with {tree!r}, a scalar integer, instead of a "
-        f"tree of updates. {STATIC_ARGS_HINT}"
-    )
+    raise TypeError(f"{who} was called with {tree!r}, a scalar integer, "
+                    f"instead of a tree of updates. {STATIC_ARGS_HINT}")
 
 
-def _equinox():
-  # A tree can only hold Equinox modules once equinox is imported: never
-  # import it here.
-  return sys.modules.get("equinox")
-
-
-def _equinox_conv_spec(module: Any) -> Any:
+def _equinox_conv(module: Any) -> Any:
   """The spec subtree of one Equinox conv: its weight (OIHW), nothing else."""
-  weight = module.weight
-  if (is_passthrough(weight) or not hasattr(weight, "ndim")
-      or not jnp.issubdtype(weight.dtype, jnp.floating)):
-    spec = False
-  else:
-    # (out, in // groups, *kernel_size) for Conv and ConvTranspose alike;
-    # leading axes beyond those were stacked by filter_vmap.
-    stacked = weight.ndim - (module.num_spatial_dims + 2)
-    if stacked < 0:
-      spec = False
-    else:
-      spec = KernelSpec(output_axis=stacked, stacked_axes=stacked,
-                        input_axis=stacked + 1)
-
-  def one(path, x):
-    if is_passthrough(x):
-      return x
-    if len(path) == 1 and getattr(path[0], "name", None) == "weight":
-      return spec
-    return False
-
-  return jax.tree_util.tree_map_with_path(one, module, is_leaf=is_passthrough)
-
-
-def _equinox_specs(module: Any, eqx: Any) -> Any:
-  """Inside an Equinox module only its convs are selected, by class."""
-  convs = (eqx.nn.Conv, eqx.nn.ConvTranspose)
-  return jax.tree.map(
-      lambda x: x if is_passthrough(x) else (
-          _equinox_conv_spec(x) if isinstance(x, convs) else False),
-      module,
-      is_leaf=lambda x: is_passthrough(x) or isinstance(x, convs))
+  w = module.weight
+  # (out, in // groups, *kernel_size); axes before those: filter_vmap's.
+  k = getattr(w, "ndim", -1) - module.num_spatial_dims - 2
+  spec = (KernelSpec(k, k, k + 1)
+          if k >= 0 and jnp.issubdtype(w.dtype, jnp.floating) else False)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x if is_passthrough(x) else (
+          spec if [getattr(q, "name", None) for q in p] == ["weight"]
+          else False),
+      module, is_leaf=is_passthrough)
 
 
 def conv_kernels(tree: Any) -> Any:
   """Guesses which leaves are conv kernels, from the tree alone.
 
-  Equinox modules in the tree carry their classes, so inside them the
-  selection is exact: the `weight` of every `eqx.nn.Conv` and
-  `eqx.nn.ConvTranspose` (their 1-D, 2-D and 3-D subclasses, grouped or not)
-  is selected with its OIHW layout (`KernelSpec(output_axis=0,
-  input_axis=1)`, shifted by any leading axes `eqx.filter_vmap` stacked), and
-  nothing else in an Equinox module is (`Linear`, `MultiheadAttention`,
-  norms, a field that happens to be named `kernel`).
+  Inside Equinox modules the selection is exact, by class: the `weight` of
+  every `eqx.nn.Conv` and `eqx.nn.ConvTranspose` (1-D to 3-D, grouped or
+  not), as `KernelSpec(output_axis=0, input_axis=1)` shifted by any axes
+  `eqx.filter_vmap` stacked; nothing else in an Equinox module.
 
-  Elsewhere (Flax linen params, nnx states, plain dicts) the guess uses names
-  and shapes: a leaf is selected when its name is `kernel`, it has at least 3
-  dimensions, it is real floating point, and no part of its path is an
-  attention sub-module (`query`, `key`, `value`, `out`) or a general dense
-  module (`DenseGeneral`, `LinearGeneral`, `Einsum`,
-  `MultiHeadDotProductAttention`, `MultiHeadAttention`, `SelfAttention`, with
-  Flax's automatic `_N` suffix). Haiku's conv weights are named `w` and are
-  not guessed: pass an explicit spec for them.
+  Elsewhere (Flax linen params, nnx states, plain dicts) a leaf is selected
+  when it is named `kernel`, has at least 3 dimensions, is real floating
+  point, and no part of its path is an attention sub-module (`query`, `key`,
+  `value`, `out`) or a general dense module (`DenseGeneral`,
+  `LinearGeneral`, `Einsum`, `MultiHeadDotProductAttention`,
+  `MultiHeadAttention`, `SelfAttention`, with Flax's `_N` suffix).
 
-  Limits (use :func:`linen_conv_kernels` or :func:`nnx_conv_kernels` when they
-  matter): a `DenseGeneral`/`LinearGeneral`/`Einsum` given a custom name has
-  kernels that look exactly like conv kernels; Dense kernels stacked by
-  `nn.scan` have 3 dimensions and are taken for 1-D convs; the output axis of
-  `ConvTranspose(transpose_kernel=True)` is -2, not the -1 assumed here; a
-  leading stacking axis of a scanned conv is taken for a spatial axis.
+  The guess is wrong for a renamed `DenseGeneral`, Dense kernels stacked by
+  `nn.scan`, `ConvTranspose(transpose_kernel=True)` (output axis -2) and the
+  layer axis of scanned convs: use :func:`linen_conv_kernels` or
+  :func:`nnx_conv_kernels` there. Haiku's `w` is not guessed.
 
   Args:
-    tree: a tree of parameters or updates (nnx states of Variables and
-      Equinox models work too).
+    tree: a tree of parameters or updates (nnx states and Equinox models
+      too).
 
   Returns:
-    A tree of the same structure with `True` (or, in an Equinox conv, a
-    :class:`KernelSpec`) at each selected leaf and `False` elsewhere (None
-    and masked leaves stay as they are).
+    A tree of the same structure with `True` (a :class:`KernelSpec` in an
+    Equinox conv) at each selected leaf and `False` elsewhere; None and
+    masked leaves stay as they are.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -245,32 +185,33 @@ def conv_kernels(tree: Any) -> Any:
     {'Conv_0': {'bias': False, 'kernel': True}, 'Dense_0': {'kernel': False}}
   """
   reject_step_count(tree, "conv_kernels")
-  eqx = _equinox()
+  eqx = sys.modules.get("equinox")  # imported by the user if modules exist
+  convs = (eqx.nn.Conv, eqx.nn.ConvTranspose) if eqx else ()
+  modules = (eqx.Module,) if eqx else ()
 
-  def is_leaf(x):
-    return is_passthrough(x) or (eqx is not None and isinstance(x, eqx.Module))
+  def inside(x):  # in an Equinox module, only its convs
+    return jax.tree.map(
+        lambda y: y if is_passthrough(y) else (
+            _equinox_conv(y) if isinstance(y, convs) else False),
+        x, is_leaf=lambda y: is_passthrough(y) or isinstance(y, convs))
 
-  def one(path, x):
-    if is_passthrough(x):
-      return x
-    if eqx is not None and isinstance(x, eqx.Module):
-      return _equinox_specs(x, eqx)
-    return _looks_like_conv_kernel(path, x)
-
-  return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_leaf)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x if is_passthrough(x) else (
+          inside(x) if isinstance(x, modules)
+          else _looks_like_conv_kernel(p, x)),
+      tree, is_leaf=lambda x: is_passthrough(x) or isinstance(x, modules))
 
 
 class PathSelection:
   """A `kernels=` callable selecting the kernels recorded from a model.
 
-  Matches leaves by their path (the `.value` of nnx Variables ignored), so the
-  same selection serves `nnx.State` of Variables, pure states and plain dicts.
+  Matches leaves by path (an nnx Variable's `.value` ignored), so one
+  selection serves `nnx.State`s of Variables, pure states and plain dicts.
   """
 
-  def __init__(
-      self, specs: dict[tuple[str, ...], tuple[KernelSpec, tuple[int, ...]]],
-      source: str,
-  ):
+  def __init__(self, specs: dict[tuple[str, ...],
+                                 tuple[KernelSpec, tuple[int, ...]]],
+               source: str):
     self.specs = dict(specs)
     self.source = source
 
@@ -280,7 +221,7 @@ class PathSelection:
 
   def __call__(self, updates: Any) -> Any:
     reject_step_count(updates, f"the selection of the {self.source}")
-    seen: set[tuple[str, ...]] = set()
+    seen = set()
 
     def select(path, leaf):
       names = path_names(path)
@@ -290,14 +231,13 @@ class PathSelection:
       spec, shape = self.specs[names]
       if not is_passthrough(leaf) and tuple(leaf.shape) != shape:
         raise ValueError(
-            f"kernels: the {self.source} recorded {'/'.join(names)} with shape "
-            f"{shape}, but the updates hold shape {tuple(leaf.shape)} there."
-        )
+            f"kernels: the {self.source} recorded {'/'.join(names)} with "
+            f"shape {shape}, but the updates hold shape {tuple(leaf.shape)} "
+            "there.")
       return spec
 
-    out = jax.tree_util.tree_map_with_path(
-        select, updates, is_leaf=is_passthrough
-    )
+    out = jax.tree_util.tree_map_with_path(select, updates,
+                                           is_leaf=is_passthrough)
     if self.specs and not seen:
       got = [format_path(p) for p, _ in
              jax.tree_util.tree_flatten_with_path(updates)[0][:3]]
@@ -307,25 +247,32 @@ class PathSelection:
           f"the {self.source} is in the updates tree (recorded paths such as "
           f"{want}; update paths such as {got}). Pass the parameters tree "
           "itself, as `module.init(...)['params']` or `nnx.state(model, "
-          "nnx.Param)`."
-      )
+          "nnx.Param)`.")
     return out
 
 
-def _linen_types():
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  return (nn.Conv, nn.ConvLocal, nn.ConvTranspose)
+def _record(specs: dict, names: tuple[str, ...], shape: Sequence[int],
+            inner: Sequence[int], transposed: bool) -> None:
+  """Records a conv kernel of per-layer shape `inner`, stacked to `shape`."""
+  shape, inner = tuple(shape), tuple(inner)
+  stacked = len(shape) - len(inner)
+  if stacked < 0 or shape[stacked:] != inner:
+    raise ValueError(
+        f"kernels: cannot place the kernel {'/'.join(names)} of per-layer "
+        f"shape {inner} in its parameter of shape {shape}: only stacking "
+        "along leading axes is supported.")
+  specs[names] = (KernelSpec(-2 if transposed else -1, stacked), shape)
 
 
 def linen_conv_kernels(module: Any, *example_args: Any,
                        **example_kwargs: Any) -> PathSelection:
   """Selects exactly the conv kernels of a Flax linen module.
 
-  Runs `module.init` abstractly (`jax.eval_shape`, nothing is computed) with
-  every method call intercepted (`nn.intercept_methods`), and records each
-  `nn.Conv`, `nn.ConvLocal` and `nn.ConvTranspose` (subclasses included) that
-  is called, with its output axis (-2 for `transpose_kernel=True`) and the
-  number of leading axes that `nn.scan`/`nn.vmap` stacked onto its kernel.
+  Runs `module.init` abstractly (`jax.eval_shape`) with its method calls
+  intercepted, and records every `nn.Conv`, `nn.ConvLocal` and
+  `nn.ConvTranspose` (subclasses too) that is called, with its output axis
+  (-2 for `transpose_kernel=True`) and any layer axes `nn.scan`/`nn.vmap`
+  stacked onto its kernel.
 
   Args:
     module: a linen module.
@@ -336,9 +283,8 @@ def linen_conv_kernels(module: Any, *example_args: Any,
 
   Returns:
     A value for `channel_directed(kernels=...)`: a callable that selects the
-    recorded kernels in `module.init(rng, *example_args,
-    **example_kwargs)["params"]`, by path. Through `optax.inject_hyperparams`
-    it needs `static_args=("kernels",)`.
+    recorded kernels in `module.init(...)["params"]` by path. Through
+    `optax.inject_hyperparams` it needs `static_args=("kernels",)`.
 
   Examples:
     >>> import flax.linen as nn
@@ -361,65 +307,49 @@ def linen_conv_kernels(module: Any, *example_args: Any,
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   if not isinstance(module, nn.Module):
     raise TypeError(
-        f"module must be a flax.linen.Module; got {type(module).__name__}."
-    )
-  conv_types = _linen_types()
-  found: dict[tuple[str, ...], tuple[int, tuple[int, ...]]] = {}
+        f"module must be a flax.linen.Module; got {type(module).__name__}.")
+  found = {}
 
   def interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     m = context.module
-    if context.method_name == "__call__" and isinstance(m, conv_types):
+    if context.method_name == "__call__" and isinstance(
+        m, (nn.Conv, nn.ConvLocal, nn.ConvTranspose)):
       kernel = m.get_variable("params", "kernel")
       if kernel is not None:
-        out_axis = -2 if getattr(m, "transpose_kernel", False) else -1
-        found[tuple(m.path) + ("kernel",)] = (out_axis, tuple(kernel.shape))
+        found[tuple(m.path) + ("kernel",)] = (
+            kernel.shape, getattr(m, "transpose_kernel", False))
     return out
 
   key = jax.random.key(0)
-  init = functools.partial(module.init, **example_kwargs)
   with nn.intercept_methods(interceptor):
-    variables = jax.eval_shape(init, {"params": key, "dropout": key},
-                               *example_args)
-  params = variables.get("params", {})
+    variables = jax.eval_shape(
+        functools.partial(module.init, **example_kwargs),
+        {"params": key, "dropout": key}, *example_args)
   specs = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = path_names(path)
-    if names in found:
-      out_axis, inner = found[names]
-      specs[names] = (_stacked_spec(names, leaf.shape, inner, out_axis),
-                      tuple(leaf.shape))
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      variables.get("params", {}))[0]:
+    if (names := path_names(path)) in found:
+      _record(specs, names, leaf.shape, *found[names])
   return PathSelection(specs, f"linen module {type(module).__name__}")
-
-
-def _stacked_spec(names, shape, inner, out_axis) -> KernelSpec:
-  stacked = len(shape) - len(inner)
-  if stacked < 0 or tuple(shape[stacked:]) != tuple(inner):
-    raise ValueError(
-        f"kernels: cannot place the kernel {'/'.join(names)} of per-layer "
-        f"shape {tuple(inner)} in its parameter of shape {tuple(shape)}: only "
-        "stacking along leading axes is supported."
-    )
-  return KernelSpec(output_axis=out_axis, stacked_axes=stacked)
 
 
 def nnx_conv_kernels(model: Any) -> PathSelection:
   """Selects exactly the conv kernels of a Flax nnx model.
 
-  Walks the model's modules (`nnx.iter_modules`) and records the `kernel` of
-  every `nnx.Conv` and `nnx.ConvTranspose` (subclasses included), with its
-  output axis (-2 for `transpose_kernel=True`) and the number of leading axes
-  that `nnx.vmap`/`nnx.scan` stacked onto it.
+  Walks the model's modules and records the `kernel` of every `nnx.Conv`,
+  `nnx.ConvTranspose` and `nnx.ConvLocal` (subclasses too), with its output
+  axis (-2 for `transpose_kernel=True`) and any layer axes
+  `nnx.vmap`/`nnx.scan` stacked onto it.
 
   Args:
     model: an `nnx.Module`.
 
   Returns:
-    A value for `channel_directed(kernels=...)`: a callable that selects those
-    kernels by path, in `nnx.state(model, nnx.Param)` whether it holds
-    Variables (as `nnx.Optimizer.init` passes it) or pure arrays (as its
-    `update` does). Through `optax.inject_hyperparams` it needs
-    `static_args=("kernels",)`.
+    A value for `channel_directed(kernels=...)`: a callable that selects
+    those kernels by path in `nnx.state(model, nnx.Param)`, of Variables (as
+    `nnx.Optimizer.init` passes it) or pure arrays (as its `update` does).
+    Through `optax.inject_hyperparams` it needs `static_args=("kernels",)`.
 
   Examples:
     >>> import optax
@@ -442,105 +372,87 @@ def nnx_conv_kernels(model: Any) -> PathSelection:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   if not isinstance(model, nnx.Module):
     raise TypeError(
-        f"model must be a flax.nnx.Module; got {type(model).__name__}."
-    )
-  conv_types = tuple(
-      t for t in (getattr(nnx, "Conv", None), getattr(nnx, "ConvTranspose", None),
-                  getattr(nnx, "ConvLocal", None)) if t is not None
-  )
+        f"model must be a flax.nnx.Module; got {type(model).__name__}.")
+  convs = tuple(getattr(nnx, t) for t in ("Conv", "ConvTranspose", "ConvLocal")
+                if hasattr(nnx, t))
   specs = {}
   for path, m in nnx.iter_modules(model):
-    if not isinstance(m, conv_types):
-      continue
-    kernel = getattr(m, "kernel", None)
-    if kernel is None:
-      continue
-    shape = tuple(jnp.shape(kernel))
-    inner = tuple(m.kernel_shape)
-    names = tuple(str(p) for p in path) + ("kernel",)
-    out_axis = -2 if getattr(m, "transpose_kernel", False) else -1
-    specs[names] = (_stacked_spec(names, shape, inner, out_axis), shape)
+    if isinstance(m, convs) and getattr(m, "kernel", None) is not None:
+      _record(specs, tuple(map(str, path)) + ("kernel",), jnp.shape(m.kernel),
+              m.kernel_shape, getattr(m, "transpose_kernel", False))
   return PathSelection(specs, f"nnx model {type(model).__name__}")
+
+
+def _spec_error(spec: Any, where: str) -> TypeError:
+  """The error for a value of a `kernels` tree that is not a spec."""
+  what, hint = repr(spec), ""
+  if hasattr(spec, "shape") and hasattr(spec, "dtype"):
+    what = f"an array of shape {tuple(spec.shape)} and dtype {spec.dtype}"
+    hint = (f" {STATIC_ARGS_HINT}" if np.ndim(spec) == 0 else  # a step count
+            " It looks like a parameter or gradient array: pass a selection,"
+            " such as optax_cdg.conv_kernels(params), or leave kernels=None.")
+  return TypeError(
+      f"kernels: the value at {where} is {what}; expected None, False, True, "
+      "an output axis (int) or an optax_cdg.KernelSpec (or pass a callable "
+      f"or None).{hint}")
 
 
 def _axis(value: Any, name: str, where: str, shape: tuple[int, ...]) -> int:
   """A normalized axis of a leaf of `shape`, or a clear ValueError."""
   ndim = len(shape)
-  if isinstance(value, np.integer):  # np.int64 from array code counts
-    value = int(value)
+  value = int(value) if isinstance(value, np.integer) else value
   if isinstance(value, bool) or not isinstance(value, int) or not (
       -ndim <= value < ndim):
     raise ValueError(
         f"kernels: the {name} {value!r} at {where} (shape {shape}) is not an "
-        f"axis of it: allowed -{ndim} .. {ndim - 1}."
-    )
+        f"axis of it: allowed -{ndim} .. {ndim - 1}.")
   return value % ndim
 
 
-def resolve_spec(
-    spec: Spec, path: Sequence[Any], leaf: Any, direction: str
-) -> tuple[int, ...] | None:
-  """The axes a spec value selects on a leaf, or None if it is not selected.
-
-  Raises a clear error for a spec value, leaf or direction that do not fit.
-  """
-  if isinstance(spec, np.bool_):
-    spec = bool(spec)
-  if spec is None or spec is False:
+def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
+                 direction: str) -> tuple[int, ...] | None:
+  """The axes a spec value selects on a leaf, or None if it selects none."""
+  if spec is None or spec is False or spec is np.False_:
     return None
   where = format_path(path)
-  if spec is True:
+  if spec is True or spec is np.True_:
     spec = KernelSpec()
-  elif isinstance(spec, (int, np.integer)):
+  elif isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
     spec = KernelSpec(output_axis=int(spec))
   elif not isinstance(spec, KernelSpec):
-    raise TypeError(
-        f"kernels: the value at {where} is {spec!r}; expected None, False, "
-        "True, an output axis (int) or an optax_cdg.KernelSpec."
-        + (f" {STATIC_ARGS_HINT}" if hasattr(spec, "dtype") else "")
-    )
+    raise _spec_error(spec, where)
   if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype,
                                                       jnp.floating):
     what = (f"has dtype {leaf.dtype}" if hasattr(leaf, "dtype") else
             f"is a {type(leaf).__name__}, not an array")
-    raise TypeError(
-        f"kernels selects {where}, which {what}; only real floating-point "
-        "arrays can be transformed."
-    )
+    raise TypeError(f"kernels selects {where}, which {what}; only real "
+                    "floating-point arrays can be transformed.")
   shape = tuple(leaf.shape)
   ndim = len(shape)
   if ndim < 2:
     raise ValueError(
         f"kernels selects {where} of shape {shape}; a selected leaf needs at "
-        "least 2 dimensions (input and output channels)."
-    )
+        "least 2 dimensions (input and output channels).")
   stacked = spec.stacked_axes
-  if isinstance(stacked, np.integer):
-    stacked = int(stacked)
+  stacked = int(stacked) if isinstance(stacked, np.integer) else stacked
   if isinstance(stacked, bool) or not isinstance(stacked, int) or not (
       0 <= stacked <= ndim - 2):
-    raise ValueError(
-        f"kernels: stacked_axes={stacked!r} at {where} (shape {shape}) must "
-        f"be an int in 0 .. {ndim - 2}."
-    )
+    raise ValueError(f"kernels: stacked_axes={stacked!r} at {where} (shape "
+                     f"{shape}) must be an int in 0 .. {ndim - 2}.")
   out = _axis(spec.output_axis, "output axis", where, shape)
   if spec.input_axis is not None:
     inp = _axis(spec.input_axis, "input axis", where, shape)
-  elif out >= ndim - 2:  # Flax layouts: the other of the last two axes.
-    inp = (2 * ndim - 3) - out
-  else:
-    inp = None
+  else:  # Flax layouts: the other of the last two axes.
+    inp = (2 * ndim - 3) - out if out >= ndim - 2 else None
   for name, axis in (("output", out), ("input", inp)):
     if axis is not None and axis < stacked:
       raise ValueError(
           f"kernels: the {name} axis {axis} at {where} (shape {shape}) is "
-          f"one of its {stacked} stacked (layer) axes."
-      )
+          f"one of its {stacked} stacked (layer) axes.")
   if inp == out:
     raise ValueError(
         f"kernels: the input axis at {where} (shape {shape}) is its output "
-        f"axis {out}; they must differ."
-    )
+        f"axis {out}; they must differ.")
   if direction == "output":
     return (out,)
   if inp is None:
@@ -549,8 +461,7 @@ def resolve_spec(
         f"spec at {where} (shape {shape}) names output_axis={out}, not one of "
         "the last two axes, and no input_axis: pass "
         f"KernelSpec(output_axis={out}, input_axis=...), for OIHW kernels "
-        f"input_axis={out + 1}."
-    )
+        f"input_axis={out + 1}.")
   if direction == "input":
     return (inp,)
   spatial = tuple(a for a in range(stacked, ndim) if a not in (out, inp))
@@ -558,79 +469,63 @@ def resolve_spec(
     raise ValueError(
         f"direction='spatial' needs spatial axes, but the kernel at {where} "
         f"has shape {shape} with {stacked} stacked axes and none besides its "
-        "two channel axes."
-    )
+        "two channel axes.")
   return spatial
 
 
-def map_selected(
-    fn: Callable[[jax.Array, tuple[int, ...]], Any],
-    updates: Any,
-    spec_tree: Any,
-    direction: str,
-) -> Any:
-  """Applies `fn(leaf, axes)` to every leaf a `kernels` spec tree selects.
+def map_selected(fn: Callable[[jax.Array, tuple[int, ...]], Any],
+                 updates: Any, kernels: Any, direction: str) -> Any:
+  """`fn(leaf, axes)` on every leaf a `kernels` argument selects.
 
-  `spec_tree` is a prefix of `updates`; every other leaf is returned as the
-  very same object.
+  Every other leaf comes back as the very same object. Returns the new tree
+  and whether anything was selected.
   """
-  specs, treedef = jax.tree_util.tree_flatten_with_path(
-      spec_tree, is_leaf=is_spec_leaf
-  )
+  if kernels is None:
+    kernels = conv_kernels(updates)
+  elif callable(kernels):
+    kernels = kernels(updates)
+  specs, treedef = jax.tree_util.tree_flatten_with_path(kernels,
+                                                        is_leaf=is_spec_leaf)
   try:
     subtrees = treedef.flatten_up_to(updates)
   except (ValueError, TypeError) as e:
     raise ValueError(
         "kernels: the spec tree must be a prefix of the updates tree (same "
         "containers and keys, with None/False/True/axis values at or above "
-        f"the leaves); they differ: {e}"
-    ) from e
+        f"the leaves); they differ: {e}") from e
+  selected = False
 
-  out = []
-  for (path, spec), sub in zip(specs, subtrees):
-    if spec is None or (isinstance(spec, (bool, np.bool_)) and not spec):
-      out.append(sub)
-      continue
+  def one(path, spec, p, x):
+    nonlocal selected
+    axes = None if is_passthrough(x) else resolve_spec(spec, path + p, x,
+                                                       direction)
+    if axes is None:
+      return x
+    selected = True
+    return fn(x, axes)
 
-    def one(p, x, path=path, spec=spec):
-      if is_passthrough(x):
-        return x
-      return fn(x, resolve_spec(spec, path + p, x, direction))
-
-    out.append(jax.tree_util.tree_map_with_path(one, sub,
-                                                is_leaf=is_passthrough))
-  return treedef.unflatten(out)
-
-
-def resolve_kernels(kernels: Any, updates: Any) -> Any:
-  """The spec tree for `updates` from a `kernels` argument."""
-  if kernels is None:
-    return conv_kernels(updates)
-  if callable(kernels):
-    return kernels(updates)
-  return kernels
-
-
-def _model_hint(kernels: Any) -> str | None:
-  """How to select a model's kernels, if `kernels` is a model."""
-  nnx = getattr(sys.modules.get("flax"), "nnx", None)
-  linen = getattr(sys.modules.get("flax"), "linen", None)
-  eqx = _equinox()
-  if nnx is not None and isinstance(kernels, nnx.Module):
-    return "kernels=optax_cdg.nnx_conv_kernels(model)"
-  if linen is not None and isinstance(kernels, linen.Module):
-    return ("kernels=optax_cdg.linen_conv_kernels(module, x), with x an "
-            "example input")
-  if eqx is not None and isinstance(kernels, eqx.Module):
-    return ("kernels=None, which selects the weight of every Equinox Conv "
-            "and ConvTranspose exactly")
-  return None
+  out = [sub if spec is None or spec is False or spec is np.False_ else
+         jax.tree_util.tree_map_with_path(functools.partial(one, path, spec),
+                                          sub, is_leaf=is_passthrough)
+         for (path, spec), sub in zip(specs, subtrees)]
+  return treedef.unflatten(out), selected
 
 
 def check_kernels(kernels: Any) -> None:
-  """Build-time check of a `kernels` argument."""
-  hint = _model_hint(kernels)
-  if hint is not None:
+  """The build-time check of a `kernels` argument."""
+  flax, eqx = sys.modules.get("flax"), sys.modules.get("equinox")
+  nnx, linen = getattr(flax, "nnx", None), getattr(flax, "linen", None)
+  if nnx and isinstance(kernels, nnx.Module):
+    hint = "kernels=optax_cdg.nnx_conv_kernels(model)"
+  elif linen and isinstance(kernels, linen.Module):
+    hint = ("kernels=optax_cdg.linen_conv_kernels(module, x), with x an "
+            "example input")
+  elif eqx and isinstance(kernels, eqx.Module):
+    hint = ("kernels=None, which selects the weight of every Equinox Conv "
+            "and ConvTranspose exactly")
+  else:
+    hint = None
+  if hint:
     raise TypeError(
         f"kernels={type(kernels).__name__}(...) is a model, not a selection "
         f"of its conv kernels: pass {hint}.")
@@ -638,55 +533,27 @@ def check_kernels(kernels: Any) -> None:
     return
   for path, spec in jax.tree_util.tree_flatten_with_path(
       kernels, is_leaf=is_spec_leaf)[0]:
-    if is_spec_leaf(spec):
-      continue
-    where = format_path(path)
-    if hasattr(spec, "dtype") and np.ndim(spec) == 0:
-      # What a callable `kernels` returns for the step count that
-      # optax.inject_hyperparams hands it.
-      hint = f" {STATIC_ARGS_HINT}"
-    elif hasattr(spec, "shape"):
-      hint = (" It looks like a parameter or gradient array: pass a "
-              "selection, such as optax_cdg.conv_kernels(params), or leave "
-              "kernels=None.")
-    else:
-      hint = ""
-    raise TypeError(
-        f"kernels: the value at {where} is "
-        f"{_short(spec)}; expected None, False, True, an output axis (int) or "
-        f"an optax_cdg.KernelSpec (or pass a callable or None).{hint}")
-
-
-def _short(x: Any) -> str:
-  if hasattr(x, "shape") and hasattr(x, "dtype"):
-    return f"an array of shape {tuple(x.shape)} and dtype {x.dtype}"
-  return repr(x)
-
-
-def _describe_kernels(kernels: Any) -> str:
-  if kernels is None:
-    return "kernels=None (the optax_cdg.conv_kernels guess)"
-  if callable(kernels):
-    return f"kernels={kernels!r} (called on the updates)"
-  return "the kernels tree"
+    if not is_spec_leaf(spec):
+      raise _spec_error(spec, format_path(path))
 
 
 def warn_nothing_selected(updates: Any, kernels: Any) -> None:
   """Warns (NoKernelsSelectedWarning) when `updates` hold arrays."""
   arrays = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(
-      updates, is_leaf=is_passthrough)[0]
-            if not is_passthrough(x) and hasattr(x, "shape")]
+      updates, is_leaf=is_passthrough)[0] if hasattr(x, "shape")]
   if not arrays:  # nothing that could have been transformed
     return
-  seen = ", ".join(f"{format_path(p)} {tuple(x.shape)}"
-                   for p, x in arrays[:4])
+  seen = ", ".join(f"{format_path(p)} {tuple(x.shape)}" for p, x in arrays[:4])
   more = f" and {len(arrays) - 4} more" if len(arrays) > 4 else ""
+  what = ("kernels=None (the optax_cdg.conv_kernels guess)" if kernels is None
+          else f"kernels={kernels!r} (called on the updates)"
+          if callable(kernels) else "the kernels tree")
   warnings.warn(
       "channel_directed selected no leaf of the updates, so it returns them "
-      f"unchanged: {_describe_kernels(kernels)} selected none of its "
-      f"{len(arrays)} arrays ({seen}{more}). kernels=None finds Flax conv "
-      "kernels (leaves named 'kernel' with 3 or more dimensions) and the "
-      "weights of Equinox Conv/ConvTranspose modules. Otherwise pass "
+      f"unchanged: {what} selected none of its {len(arrays)} arrays "
+      f"({seen}{more}). kernels=None finds Flax conv kernels (leaves named "
+      "'kernel' with 3 or more dimensions) and the weights of Equinox "
+      "Conv/ConvTranspose modules. Otherwise pass "
       "kernels=optax_cdg.linen_conv_kernels(module, x), "
       "optax_cdg.nnx_conv_kernels(model), or an explicit spec tree such as "
       "{'conv': {'w': True}} (Haiku, HWIO) or "
@@ -696,28 +563,18 @@ def warn_nothing_selected(updates: Any, kernels: Any) -> None:
       "warnings.filterwarnings('ignore', "
       "category=optax_cdg.NoKernelsSelectedWarning), or make it an error "
       "with 'error'.",
-      NoKernelsSelectedWarning,
-      stacklevel=_user_stacklevel(),
-  )
-
-
-# Frames in these packages are not the user's code.
-_LIBRARY_DIRS = tuple(
-    os.path.dirname(m.__file__) + os.sep for m in (jax, optax, np)
-) + (os.path.dirname(__file__) + os.sep,)
+      NoKernelsSelectedWarning, stacklevel=_user_stacklevel())
 
 
 def _user_stacklevel() -> int:
   """The `stacklevel` of the innermost frame outside the libraries.
 
-  So that the warning names the user's line (a train step calling
-  `tx.update`), not `optax/_src/_combining.py`. Flax's and Equinox's
-  wrappers count as libraries when they are imported.
+  So that the warning names the user's line, not Optax's chain.
   """
-  dirs = _LIBRARY_DIRS + tuple(
-      os.path.dirname(m.__file__) + os.sep
-      for m in (sys.modules.get("flax"), _equinox()) if m is not None)
-  # Frame 2 is the caller of warn_nothing_selected, stacklevel 2 for it.
+  dirs = tuple(os.path.dirname(m.__file__) + os.sep for m in (
+      jax, optax, np, sys.modules[__package__], sys.modules.get("flax"),
+      sys.modules.get("equinox")) if m is not None)
+  # Frame 2 is warn_nothing_selected's caller, stacklevel 2.
   frame, level = sys._getframe(2), 2  # pylint: disable=protected-access
   while frame is not None and frame.f_code.co_filename.startswith(dirs):
     frame, level = frame.f_back, level + 1

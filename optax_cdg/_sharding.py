@@ -21,7 +21,6 @@ transform axis instead (each device then keeps its own slice).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -32,9 +31,9 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-# fn(x, *gains) -> array of x's shape, acting on each fiber along `fn.axes`,
-# linear in x and in the gains, self-adjoint in x; `fn.gains(lam)` gives the
-# gains. It must hash and compare by value (a frozen dataclass, say): it is a
+# fn(x, *gains) -> array of x's shape, acting on each fiber along `fn.axes`
+# (sorted, non-negative), linear in x and in the gains, self-adjoint in x;
+# `fn.gains(lam)` gives the gains. It must hash and compare by value (a frozen dataclass, say): it is a
 # static argument of custom_partitioning, which caches on it. Its method
 # `shifted(k)` returns the same operator for an array with k more leading axes
 # (used by vmap; gains broadcast from the right).
@@ -88,10 +87,10 @@ def plan_moves(
 
 
 def _explicit_entries(x: jax.Array) -> tuple[_SpecEntries, object] | None:
-  """The spec entries of an explicitly sharded array, or None.
+  """The spec entries and mesh of an explicitly sharded array, or None.
 
-  An array replicated on a mesh whose axes are all explicit gives entries
-  that are all empty.
+  On a mesh whose axes are all explicit, a replicated array has entries that
+  are all empty.
   """
   try:
     sharding = jax.typeof(x).sharding
@@ -102,14 +101,14 @@ def _explicit_entries(x: jax.Array) -> tuple[_SpecEntries, object] | None:
     return None
   entries = _entries(sharding.spec, x.ndim)
   types = tuple(getattr(mesh, "axis_types", ()))
-  explicit = bool(types) and all(t == AxisType.Explicit for t in types)
-  if not any(entries) and not explicit:
+  if not any(entries) and not (
+      types and all(t == AxisType.Explicit for t in types)):
     return None  # automatic sharding: invisible while tracing
   return entries, mesh
 
 
-def _shard_map_path(fn: FiberFn, axes, x, consts, entries, mesh):
-  inner, moves = plan_moves(entries, x.shape, axes, dict(mesh.shape))
+def _shard_map_path(fn: FiberFn, x, consts, entries, mesh):
+  _, moves = plan_moves(entries, x.shape, fn.axes, dict(mesh.shape))
 
   def body(xl, *cs):
     for names, a, dest in moves:
@@ -122,63 +121,49 @@ def _shard_map_path(fn: FiberFn, axes, x, consts, entries, mesh):
     for names, a, dest in reversed(moves):
       if dest is None:
         chunk = y.shape[a] // math.prod(mesh.shape[n] for n in names)
-        start = jax.lax.axis_index(names) * chunk
-        y = jax.lax.dynamic_slice_in_dim(y, start, chunk, axis=a)
+        y = jax.lax.dynamic_slice_in_dim(
+            y, jax.lax.axis_index(names) * chunk, chunk, axis=a)
       else:
         y = jax.lax.all_to_all(y, names, split_axis=a, concat_axis=dest,
                                tiled=True)
     return y
 
   spec = _to_spec(entries)
-  in_specs = (spec,) + tuple(P() for _ in consts)
-  return jax.shard_map(body, mesh=mesh, in_specs=in_specs,
+  return jax.shard_map(body, mesh=mesh, in_specs=(spec,) + (P(),) * len(consts),
                        out_specs=spec)(x, *consts)
 
 
-def _inner_sharding(axes, sharding, shape) -> NamedSharding | None:
-  if not isinstance(sharding, NamedSharding):
-    return None
-  mesh = sharding.mesh
-  inner, _ = plan_moves(_entries(sharding.spec, len(shape)), shape, axes,
-                        dict(mesh.shape))
-  return NamedSharding(mesh, _to_spec(inner))
-
-
-def _call(fn, axes, x, *consts):
-  del axes
-  return fn(x, *consts)
-
-
-def _partition(fn, axes, mesh, arg_shapes, result_shape):
+def _partition(fn, mesh, arg_shapes, result_shape):
   del result_shape
   x = arg_shapes[0]
-  inner = _inner_sharding(axes, x.sharding, x.shape)
-  if inner is None:  # not expressible as a NamedSharding: run replicated
-    inner = NamedSharding(mesh, P())
-  consts = tuple(NamedSharding(mesh, P()) for _ in arg_shapes[1:])
-  return mesh, functools.partial(_call, fn, axes), inner, (inner,) + consts
+  inner = NamedSharding(mesh, P())  # not a NamedSharding: run replicated
+  if isinstance(x.sharding, NamedSharding):
+    spec, _ = plan_moves(_entries(x.sharding.spec, len(x.shape)), x.shape,
+                         fn.axes, dict(x.sharding.mesh.shape))
+    inner = NamedSharding(x.sharding.mesh, _to_spec(spec))
+  consts = (NamedSharding(mesh, P()),) * (len(arg_shapes) - 1)
+  return mesh, fn, inner, (inner,) + consts
 
 
-def _infer(fn, axes, mesh, arg_shapes, result_shape):
-  del fn, axes, mesh, result_shape
-  return arg_shapes[0].sharding  # the result keeps the input's sharding
+def _rule(fn, mesh, arg_types, result_types):
+  del fn, mesh, result_types
+  names = [" ".join(f"a{j}_{i}" for i in range(len(t.shape)))
+           for j, t in enumerate(arg_types)]
+  return ", ".join(names) + " -> " + names[0]
 
 
-def _rule(fn, axes, mesh, arg_types, result_types):
-  del fn, axes, mesh, result_types
-  x = " ".join(f"x{i}" for i in range(len(arg_types[0].shape)))
-  consts = [" ".join(f"c{j}_{i}" for i in range(len(t.shape)))
-            for j, t in enumerate(arg_types[1:])]
-  return ", ".join([x] + consts) + " -> " + x
+def _call(fn, x, *gains):
+  return fn(x, *gains)
 
 
-_partitioned = custom_partitioning(_call, static_argnums=(0, 1))
-_partitioned.def_partition(partition=_partition,
-                           infer_sharding_from_operands=_infer,
-                           sharding_rule=_rule)
+_partitioned = custom_partitioning(_call, static_argnums=(0,))
+_partitioned.def_partition(
+    partition=_partition, sharding_rule=_rule,
+    # The result keeps the input's sharding.
+    infer_sharding_from_operands=lambda fn, mesh, args, result: args[0].sharding)
 
 
-def _auto_path(fn: FiberFn, axes: tuple[int, ...], x, lam, gains=None):
+def _auto_path(fn: FiberFn, x, lam, gains=None):
   """`custom_partitioning`, made differentiable and batchable.
 
   custom_partitioning has no JVP or batching rule. The operator is linear in
@@ -190,7 +175,7 @@ def _auto_path(fn: FiberFn, axes: tuple[int, ...], x, lam, gains=None):
 
   @jax.custom_batching.custom_vmap
   def run(x, *gains):
-    return _partitioned(fn, axes, x, *gains)
+    return _partitioned(fn, x, *gains)
 
   @run.def_vmap
   def _run_batched(axis_size, in_batched, x, *gains):
@@ -201,8 +186,7 @@ def _auto_path(fn: FiberFn, axes: tuple[int, ...], x, lam, gains=None):
       return jax.vmap(fn, in_axes=in_axes)(x, *gains), True
     if not in_batched[0]:
       return run(x, *gains), False
-    return _auto_path(fn.shifted(1), tuple(a + 1 for a in axes), x, None,
-                      gains), True
+    return _auto_path(fn.shifted(1), x, None, gains), True
 
   if lam is None or isinstance(lam, float):
     gains = fn.gains(lam) if gains is None else gains
@@ -240,11 +224,9 @@ def apply_fiberwise(fn: FiberFn, x: jax.Array, lam) -> jax.Array:
   `lam` is a Python float or a traced scalar; the gains are replicated on
   every device.
   """
-  axes = tuple(sorted(a % x.ndim for a in fn.axes))
   explicit = _explicit_entries(x)
-  if explicit is not None and not any(explicit[0]):
-    # Replicated on an explicit mesh: every device computes the whole result.
+  if explicit is None:
+    return _auto_path(fn, x, lam)
+  if not any(explicit[0]):  # replicated: every device computes it all
     return fn(x, *fn.gains(lam))
-  if explicit is not None:
-    return _shard_map_path(fn, axes, x, fn.gains(lam), *explicit)
-  return _auto_path(fn, axes, x, lam)
+  return _shard_map_path(fn, x, fn.gains(lam), *explicit)

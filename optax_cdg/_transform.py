@@ -135,10 +135,9 @@ def channel_directed(
     Sundaramoorthi et al., `Sobolev Active Contours
     <https://doi.org/10.1007/s11263-006-0635-2>`_, IJCV 2007.
   """
-  _checks.check_option("metric", metric)
-  _checks.check_option("direction", direction, _selection.DIRECTIONS)
-  _checks.check_option("boundary", boundary)
-  _checks.check_option("scale", scale)
+  for name, value in (("metric", metric), ("direction", direction),
+                      ("boundary", boundary), ("scale", scale)):
+    _checks.check_option(name, value)
   _checks.check_method(method, metric)
   is_schedule = callable(smoothing)
   if not is_schedule:
@@ -153,22 +152,15 @@ def channel_directed(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    lam = smoothing
     if is_schedule:
       lam = _checks.check_smoothing(smoothing(state.count), metric)
       state = ChannelDirectedState(count=optax.safe_increment(state.count))
-    else:
-      lam = smoothing
-
-    selected = []
-
-    def transform(x, axes):
-      selected.append(axes)
-      return _operator.apply(
-          x, lam, metric=metric, axes=axes, boundary=boundary, scale=scale,
-          method=method)
-
-    spec = _selection.resolve_kernels(kernels, updates)
-    out = _selection.map_selected(transform, updates, spec, direction)
+    out, selected = _selection.map_selected(
+        lambda x, axes: _operator.apply(
+            x, lam, metric=metric, axes=axes, boundary=boundary, scale=scale,
+            method=method),
+        updates, kernels, direction)
     if not selected:  # at trace time: never an identity that looks like work
       _selection.warn_nothing_selected(updates, kernels)
     return out, state
