@@ -1,18 +1,7 @@
 """Optimizers with channel-directed gradients, in the style of Optax's aliases.
 
-Where CDG sits in a chain (tested in tests/test_alias.py):
-
-- first, on the gradient of the loss alone: before any optimizer state
-  (momentum, Adam's moments), so that what is smoothed is the gradient the
-  metric defines, as in the paper;
-- before gradient clipping (`optax.clip_by_global_norm`), so that the clip
-  bounds what the optimizer actually receives ("reweighted" with
-  `smoothing < 1` enlarges the non-mean part of a gradient);
-- before any weight decay, coupled (`add_decayed_weights` ahead of the
-  momentum, as in SGD with weight decay) or decoupled (AdamW's, after the
-  moments): the decay term is never smoothed across channels;
-- independent of a learning-rate warmup or decay: the schedule goes to the
-  optimizer's `learning_rate`; `smoothing` has its own (optional) schedule.
+CDG goes first in each chain: before any optimizer state, clipping or weight
+decay (docs/optimizers.md says why; tests/test_alias.py checks it).
 """
 
 from __future__ import annotations
@@ -107,15 +96,10 @@ def cdg_sgd(
     m_t = \beta m_{t-1} + d_t, \quad
     w_{t+1} = w_t - \eta_t m_t
 
-  (with `nesterov=True` the step is `eta (d_t + beta m_t)`). The decay term
-  is added after CDG, so it is never smoothed across channels, as PyTorch's
-  `SGD(weight_decay=...)` adds it to the gradient in its step. Its updates equal
-  those of `optax.chain(channel_directed(smoothing, ...),
+  (with `nesterov=True` the step is `eta (d_t + beta m_t)`): the updates of
+  `optax.chain(channel_directed(smoothing, ...),
   optax.add_decayed_weights(weight_decay, mask), optax.sgd(learning_rate,
-  momentum, nesterov))`; without `weight_decay` the middle term is left out.
-  Both `learning_rate` and `smoothing` may be schedules, or injected with
-  `optax.inject_hyperparams(optax_cdg.cdg_sgd)(learning_rate=...,
-  smoothing=...)`.
+  momentum, nesterov))`. The decay is added after CDG, never smoothed.
 
   Args:
     learning_rate: a number or a schedule (warmup goes here).
@@ -180,31 +164,23 @@ def cdg_adamw(
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW on channel-directed gradients.
 
-  The paper's CDG-AdamW: Adam's moments are built from `A^{-1} g` (the
-  channel-directed gradient of :func:`channel_directed`), and the decoupled
-  weight decay is added after them, unsmoothed:
+  Adam's moments are built from `A^{-1} g` (:func:`channel_directed`), and
+  the decoupled weight decay is added after them, unsmoothed:
 
   .. math::
 
     u_t = \mathrm{adam}(A^{-1} g_1, \dots, A^{-1} g_t) + wd \, w_t, \quad
     w_{t+1} = w_t - \eta_t u_t
 
-  Its updates equal those of `optax.chain(channel_directed(smoothing, ...),
+  the updates of `optax.chain(channel_directed(smoothing, ...),
   optax.adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
-  mask, nesterov=nesterov))`. Both `learning_rate` and `smoothing` may be
-  schedules, or injected with `optax.inject_hyperparams`.
+  mask, nesterov=nesterov))`.
 
   Args:
     learning_rate: a number or a schedule (warmup goes here).
-    b1: as for `optax.adamw`.
-    b2: as for `optax.adamw`.
-    eps: as for `optax.adamw`.
-    eps_root: as for `optax.adamw`.
-    mu_dtype: as for `optax.adamw`.
-    weight_decay: the decoupled weight decay, as for `optax.adamw`.
-    mask: which parameters are decayed, as for `optax.adamw`.
+    b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov: as for
+      `optax.adamw` (`weight_decay` is decoupled).
     smoothing: `lam` of :func:`channel_directed`, a number or a schedule.
-    nesterov: as for `optax.adamw`.
     metric, direction, boundary, scale, kernels, method: as for
       :func:`channel_directed`.
 

@@ -29,92 +29,54 @@ DEFAULT_SMOOTHING = 0.1
 DEFAULT_SCALE = "grid"
 
 
-def laplacian_eigenvalues(
-    n: int, *, boundary: str = "periodic", scale: str = DEFAULT_SCALE,
-    half: bool = False, extended: bool = False,
-) -> np.ndarray:
-  r"""Eigenvalues `mu_k` of `-Laplacian` along one axis of length `n`.
+def eigenvalues(sizes: Sequence[int], boundary: str, scale: str,
+                extended: bool = False) -> np.ndarray:
+  """`mu`, the eigenvalues of `-Laplacian` summed over axes of `sizes`.
 
-  periodic: `c(n) 4 sin^2(pi k / n)`; Neumann: `c(n) 4 sin^2(pi k / (2 n))`,
-  with `c(n) = n^2` for the "unit" scale and `1` for the "grid" scale.
-
-  Args:
-    n: the axis length.
-    boundary: "periodic" (DFT eigenbasis) or "neumann" (DCT-II eigenbasis).
-    scale: "unit" or "grid".
-    half: for a periodic boundary, return only `k = 0 .. n // 2` (the rfft
-      layout).
-    extended: for a Neumann boundary, the eigenvalues on the even extension
-      of length `2 n` (periodic there), in the layout of its FFT (`half`:
-      its rfft), which is how the operator applies the DCT-II's diagonal.
-
-  Returns:
-    A float64 numpy array of eigenvalues in frequency order.
-  """
-  c = float(n) ** 2 if scale == "unit" else 1.0
-  if boundary == "periodic":
-    k = np.arange(n // 2 + 1 if half else n, dtype=np.float64)
-    return c * 4.0 * np.sin(np.pi * k / n) ** 2
-  if extended:
-    k = np.arange(n + 1 if half else 2 * n, dtype=np.float64)
-  else:
-    k = np.arange(n, dtype=np.float64)
-  return c * 4.0 * np.sin(np.pi * k / (2.0 * n)) ** 2
-
-
-def summed_eigenvalues(
-    sizes: Sequence[int], boundary: str, scale: str, extended: bool = False
-) -> np.ndarray:
-  """`mu` of the Laplacian summed over several axes, in the transform layout.
-
-  For a periodic boundary (or `extended`) the last axis is in rfft layout, as
-  produced by `jnp.fft.rfftn`.
+  Along an axis of length `n`: periodic `c 4 sin^2(pi k / n)`, Neumann
+  `c 4 sin^2(pi k / (2 n))`, with `c = n^2` for the "unit" scale and `1` for
+  the "grid" scale. Float64, in the layout of the transform: the last axis
+  in rfft layout for a periodic boundary; for a Neumann boundary, `extended`
+  gives them on the even extension of length `2 n` (periodic there, rfft
+  layout again), which is how the operator applies the DCT-II's diagonal.
   """
   mu = np.zeros((), np.float64)
-  last = len(sizes) - 1
   for i, n in enumerate(sizes):
-    m = laplacian_eigenvalues(
-        n, boundary=boundary, scale=scale, half=(i == last),
-        extended=extended)
-    mu = mu[..., None] + m
+    last = i == len(sizes) - 1
+    period = n if boundary == "periodic" else 2 * n
+    count = (period // 2 + 1 if last else period) if (
+        boundary == "periodic" or extended) else n
+    c = float(n) ** 2 if scale == "unit" else 1.0
+    k = np.arange(count, dtype=np.float64)
+    mu = mu[..., None] + c * 4.0 * np.sin(np.pi * k / period) ** 2
   return mu
 
 
-def gain_from_eigenvalues(mu: np.ndarray, lam: float | jax.Array,
-                          metric: str):
-  """The gain `1 / (eigenvalue of the metric)` at each Laplacian eigenvalue.
+def gain(sizes: Sequence[int], lam: float | jax.Array, metric: str,
+         boundary: str, scale: str, extended: bool = False):
+  """`spectral_gain` for checked arguments (`extended`: see `eigenvalues`).
 
-  `lam` is a checked smoothing value (`_checks.check_smoothing`). For a
-  concrete one (a float) this is a float64 numpy array. For a traced one it
-  is a jax array of `lam`'s dtype (the default float: float32, or float64
-  under `jax_enable_x64`), and a value the metric rejects (negative, zero
-  where it must be positive, not finite) turns every gain into NaN: a traced
+  Float64 numpy for a concrete `lam` (a float). For a traced one, a jax
+  array of `lam`'s dtype, all NaN if the metric rejects `lam`: a traced
   argument cannot raise, so the error must be loud instead.
   """
+  mu = eigenvalues(sizes, boundary, scale, extended)
   concrete = _checks.is_concrete(lam)
   xp = np if concrete else jnp
-  if not concrete:
-    mu = jnp.asarray(mu, lam.dtype)
-  zero = mu == 0.0  # the constant (mean) mode only; never exactly zero else
+  mu = mu if concrete else jnp.asarray(mu, lam.dtype)
+  zero = mu == 0.0  # the constant (mean) mode only
   with np.errstate(divide="ignore"):
     if metric == "sobolev":
-      gain = 1.0 / (1.0 + lam * mu)
+      g = 1.0 / (1.0 + lam * mu)
     elif metric == "sobolev_mean":
-      gain = xp.where(zero, 1.0, 1.0 / xp.where(zero, 1.0, lam * mu))
+      g = xp.where(zero, 1.0, 1.0 / xp.where(zero, 1.0, lam * mu))
     elif metric == "reweighted":
-      gain = xp.where(zero, 1.0, 1.0 / lam)
+      g = xp.where(zero, 1.0, 1.0 / lam)
     else:
-      gain = xp.ones_like(mu)
+      g = xp.ones_like(mu)
   if concrete:
-    return gain
-  return jnp.where(_checks.smoothing_valid(lam, metric), gain, jnp.nan)
-
-
-def gain(sizes: tuple[int, ...], lam: float | jax.Array, metric: str,
-         boundary: str, scale: str, extended: bool = False):
-  """`spectral_gain` for checked arguments (`extended`: see above)."""
-  return gain_from_eigenvalues(
-      summed_eigenvalues(sizes, boundary, scale, extended), lam, metric)
+    return g
+  return jnp.where(_checks.smoothing_valid(lam, metric), g, jnp.nan)
 
 
 def spectral_gain(
@@ -174,8 +136,8 @@ def spectral_gain(
     <https://doi.org/10.1007/s11263-006-0635-2>`_, IJCV 2007.
   """
   sizes = _checks.sizes(sizes)
-  _checks.check_option("metric", metric)
-  _checks.check_option("boundary", boundary)
-  _checks.check_option("scale", scale)
+  for name, value in (("metric", metric), ("boundary", boundary),
+                      ("scale", scale)):
+    _checks.check_option(name, value)
   lam = _checks.check_smoothing(smoothing, metric)
   return gain(sizes, lam, metric, boundary, scale)
