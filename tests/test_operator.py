@@ -290,6 +290,37 @@ class MethodTest(parameterized.TestCase):
       optax_cdg.metric_gradient(jnp.ones((2, 3, 16)), 0.1, **kwargs)
 
 
+class LayoutTest(parameterized.TestCase):
+  """The FFT reads a CPU convolution's kernel gradient where it lies."""
+
+  def test_no_transposing_copy_before_the_fft(self):
+    if jax.default_backend() != "cpu":
+      pytest.skip("the layout XLA gives a kernel gradient is the CPU's here")
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    import re  # pylint: disable=g-import-not-at-top
+    model = nn.Sequential([nn.Conv(8, (3, 3)), nn.relu, nn.Conv(16, (3, 3))])
+    x = jnp.ones((4, 8, 8, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    tx = optax_cdg.channel_directed()
+
+    def step(params):
+      grads = jax.grad(lambda p: model.apply({"params": p}, x).sum())(params)
+      out, _ = tx.update(grads, tx.init(params))
+      # The control: an FFT on the logical layout of one kernel gradient.
+      plain = jnp.fft.rfft(grads["layers_2"]["kernel"], axis=-1)
+      return out, plain
+
+    hlo = jax.jit(step).lower(params).compile().as_text()
+    defs = dict(re.findall(r"^\s*(%[\w.-]+) = (.*)$", hlo, re.M))
+    operands = re.findall(r"fft\((%[\w.-]+)\), fft_type=RFFT", hlo)
+    copies = [op for op in operands
+              if re.search(r"transpose|copy", op + defs[op].split("(")[0])]
+    # XLA writes the gradient of (3, 3, in, out) as (in, 3, 3, out): the
+    # control's FFT needs a transposing copy, CDG's two FFTs none.
+    assert len(operands) == 3, operands
+    assert len(copies) == 1, [defs[op][:120] for op in operands]
+
+
 class BoundedCostTest(parameterized.TestCase):
   """Memory linear in the array at every size."""
 

@@ -1,7 +1,6 @@
 """Tests of kernel selection: the heuristic and the exact helpers."""
 
 from absl.testing import parameterized
-import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp

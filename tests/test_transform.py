@@ -5,7 +5,6 @@ import warnings
 
 from absl.testing import parameterized
 import chex
-import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
