@@ -49,6 +49,12 @@ def check_option(name: str, value: Any) -> str:
   raise ValueError(msg)
 
 
+def check_options(**values: Any) -> None:
+  """`check_option` for each keyword, in order."""
+  for name, value in values.items():
+    check_option(name, value)
+
+
 def check_method(method: Any, metric: str) -> str:
   """`method` for `metric` (both checked)."""
   if method in ("matmul", "blocked"):  # the methods of optax_cdg 0.1
@@ -102,7 +108,7 @@ def scalar(value: Any, name: str = "smoothing") -> float | jax.Array:
     # part cannot raise under a trace: it poisons the value instead.
     out = jnp.real(arr).astype(jnp.result_type(float))
     return jnp.where(jnp.imag(arr) == 0, out, jnp.nan) if complex_ else out
-  if np.imag(arr) != 0:
+  if complex_ and np.imag(arr) != 0:
     raise ValueError(
         f"{name}={value!r} must be real; it has a non-zero imaginary part.")
   return float(np.real(arr))

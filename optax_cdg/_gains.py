@@ -136,8 +136,6 @@ def spectral_gain(
     <https://doi.org/10.1007/s11263-006-0635-2>`_, IJCV 2007.
   """
   sizes = _checks.sizes(sizes)
-  for name, value in (("metric", metric), ("boundary", boundary),
-                      ("scale", scale)):
-    _checks.check_option(name, value)
+  _checks.check_options(metric=metric, boundary=boundary, scale=scale)
   lam = _checks.check_smoothing(smoothing, metric)
   return gain(sizes, lam, metric, boundary, scale)

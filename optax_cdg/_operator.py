@@ -99,9 +99,7 @@ def metric_gradient(
     Sundaramoorthi et al., `Sobolev Active Contours
     <https://doi.org/10.1007/s11263-006-0635-2>`_, IJCV 2007.
   """
-  _checks.check_option("metric", metric)
-  _checks.check_option("boundary", boundary)
-  _checks.check_option("scale", scale)
+  _checks.check_options(metric=metric, boundary=boundary, scale=scale)
   lam = _checks.check_smoothing(smoothing, metric)
   _checks.check_method(method, metric)
   return apply(grad, lam, metric=metric, axes=axes, boundary=boundary,
@@ -181,7 +179,7 @@ class Operator:
     if x.ndim >= 3 and self.axes == (x.ndim - 1,):
       # XLA's CPU convolutions write the gradient of a (*spatial, in, out)
       # kernel as (in, *spatial, out) in memory: on that view the FFT needs
-      # no transposing copy (ResNet-18's CPU step: 1.040 -> 1.003 times the
+      # no transposing copy (ResNet-18's CPU step: 1.030 -> 1.006 times the
       # plain step, BENCHMARKS.md). Fibers are independent, so any order of
       # the other axes gives the same result.
       perm = (x.ndim - 2, *range(x.ndim - 2), x.ndim - 1)

@@ -409,10 +409,14 @@ def _axis(value: Any, name: str, where: str, shape: tuple[int, ...]) -> int:
   return value % ndim
 
 
+def _selects_nothing(spec: Any) -> bool:
+  return spec is None or spec is False or spec is np.False_
+
+
 def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
                  direction: str) -> tuple[int, ...] | None:
   """The axes a spec value selects on a leaf, or None if it selects none."""
-  if spec is None or spec is False or spec is np.False_:
+  if _selects_nothing(spec):
     return None
   where = format_path(path)
   if spec is True or spec is np.True_:
@@ -504,7 +508,7 @@ def map_selected(fn: Callable[[jax.Array, tuple[int, ...]], Any],
     selected = True
     return fn(x, axes)
 
-  out = [sub if spec is None or spec is False or spec is np.False_ else
+  out = [sub if _selects_nothing(spec) else
          jax.tree_util.tree_map_with_path(functools.partial(one, path, spec),
                                           sub, is_leaf=is_passthrough)
          for (path, spec), sub in zip(specs, subtrees)]

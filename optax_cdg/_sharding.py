@@ -33,10 +33,10 @@ from jax.sharding import PartitionSpec as P
 
 # fn(x, *gains) -> array of x's shape, acting on each fiber along `fn.axes`
 # (sorted, non-negative), linear in x and in the gains, self-adjoint in x;
-# `fn.gains(lam)` gives the gains. It must hash and compare by value (a frozen dataclass, say): it is a
-# static argument of custom_partitioning, which caches on it. Its method
-# `shifted(k)` returns the same operator for an array with k more leading axes
-# (used by vmap; gains broadcast from the right).
+# `fn.gains(lam)` gives the gains. It must hash and compare by value (a frozen
+# dataclass, say): it is a static argument of custom_partitioning, which
+# caches on it. Its method `shifted(k)` returns the same operator for an array
+# with k more leading axes (used by vmap).
 FiberFn = Callable[..., jax.Array]
 
 _SpecEntries = list[tuple[str, ...]]
@@ -136,7 +136,8 @@ def _shard_map_path(fn: FiberFn, x, consts, entries, mesh):
 def _partition(fn, mesh, arg_shapes, result_shape):
   del result_shape
   x = arg_shapes[0]
-  inner = NamedSharding(mesh, P())  # not a NamedSharding: run replicated
+  # Transform axes unsharded; replicated if the sharding is not named.
+  inner = NamedSharding(mesh, P())
   if isinstance(x.sharding, NamedSharding):
     spec, _ = plan_moves(_entries(x.sharding.spec, len(x.shape)), x.shape,
                          fn.axes, dict(x.sharding.mesh.shape))

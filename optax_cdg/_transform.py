@@ -135,9 +135,8 @@ def channel_directed(
     Sundaramoorthi et al., `Sobolev Active Contours
     <https://doi.org/10.1007/s11263-006-0635-2>`_, IJCV 2007.
   """
-  for name, value in (("metric", metric), ("direction", direction),
-                      ("boundary", boundary), ("scale", scale)):
-    _checks.check_option(name, value)
+  _checks.check_options(metric=metric, direction=direction,
+                        boundary=boundary, scale=scale)
   _checks.check_method(method, metric)
   is_schedule = callable(smoothing)
   if not is_schedule:
