@@ -22,7 +22,7 @@ from optax_cdg._transform import ChannelDirectedState
 from optax_cdg._transform import DEFAULT_SCALE
 from optax_cdg._transform import DEFAULT_SMOOTHING
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = (
     "ChannelDirectedState",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,6 +129,10 @@ def apply(
   closed = method == "closed" or (method == "auto" and metric == "reweighted")
   op = Operator(closed, axes, sizes, metric, boundary, scale,
                 compute_dtype(grad.dtype))
+  # A number takes the traced path, so both give the same float32 numbers:
+  # the gains are computed on the device, where XLA fuses and rounds them
+  # its own way; the barrier keeps it from folding a number's gains.
+  lam = jax.lax.optimization_barrier(jnp.asarray(lam, jnp.result_type(float)))
   # Fiber-local on every device, however the array is sharded.
   return _sharding.apply_fiberwise(op, grad, lam)
 
@@ -156,34 +161,42 @@ class Operator:
     """The same operator on an array with `k` more leading (batch) axes."""
     return dataclasses.replace(self, axes=tuple(a + k for a in self.axes))
 
-  def gains(self, lam: float | jax.Array) -> tuple[Any, ...]:
-    """The linear parameters for `lam`: numpy constants for a number."""
-    if self.closed:  # the gains of the mean and of the rest
-      if _checks.is_concrete(lam):
-        return (np.ones((), self.dtype), np.asarray(1.0 / lam, self.dtype))
-      rest = jnp.where(_checks.smoothing_valid(lam, self.metric), 1.0 / lam,
-                       jnp.nan)
-      return (jnp.ones((), self.dtype), rest.astype(self.dtype))
-    gain = _gains.gain(self.sizes, lam, self.metric, self.boundary,
-                       self.scale, extended=self.boundary == "neumann")
-    # A concrete gain is computed in float64 and rounded once.
-    return ((np if isinstance(gain, np.ndarray) else jnp).asarray(
-        gain, self.dtype),)
+  def gains(self, lam: jax.Array, order: int = 0) -> tuple[jax.Array, ...]:
+    """The linear parameters for `lam`, or their `order`-th derivative."""
+    def gains(lam):
+      if self.closed:  # the gains of the mean and of the rest
+        rest = jnp.where(_checks.smoothing_valid(lam, self.metric), 1.0 / lam,
+                         jnp.nan)
+        return jnp.ones((), self.dtype), rest.astype(self.dtype)
+      return (_gains.gain(self.sizes, lam, self.metric, self.boundary,
+                          self.scale, extended=self.boundary == "neumann")
+              .astype(self.dtype),)
+
+    for _ in range(order):
+      gains = functools.partial(
+          lambda f, lam: jax.jvp(f, (lam,), (jnp.ones_like(lam),))[1], gains)
+    return gains(lam)
 
   def __call__(self, grad: jax.Array, *gains: jax.Array) -> jax.Array:
     x = grad.astype(self.dtype)
     if self.closed:
       mean = jnp.mean(x, axis=self.axes, keepdims=True)
       return (gains[0] * mean + gains[1] * (x - mean)).astype(grad.dtype)
-    perm = None
     if x.ndim >= 3 and self.axes == (x.ndim - 1,):
       # XLA's CPU convolutions write the gradient of a (*spatial, in, out)
       # kernel as (in, *spatial, out) in memory: on that view the FFT needs
       # no transposing copy (ResNet-18's CPU step: 1.030 -> 1.006 times the
-      # plain step, BENCHMARKS.md). Fibers are independent, so any order of
-      # the other axes gives the same result.
+      # plain step, BENCHMARKS.md). Fibers are independent, so the result is
+      # the same; other backends keep the logical order until measured.
       perm = (x.ndim - 2, *range(x.ndim - 2), x.ndim - 1)
-      x = jnp.transpose(x, perm)
+      return jax.lax.platform_dependent(
+          x, *gains, default=lambda x, *gains: self._fft(x, gains, grad.dtype),
+          cpu=lambda x, *gains: jnp.transpose(self._fft(
+              jnp.transpose(x, perm), gains, grad.dtype), np.argsort(perm)))
+    return self._fft(x, gains, grad.dtype)
+
+  def _fft(self, x: jax.Array, gains: Sequence[jax.Array], dtype: Any):
+    """The transform along `axes` of `x` (in the compute dtype)."""
     if self.boundary == "neumann":
       # The DCT-II diagonalises the Laplacian with a reflecting boundary: it
       # is the DFT of the even extension [x, reversed x], where the operator
@@ -198,6 +211,4 @@ class Operator:
                        * jnp.reshape(gains[0], shape), s=ext, axes=self.axes)
     for a, n in zip(self.axes, self.sizes):  # the first half, for Neumann
       y = jax.lax.slice_in_dim(y, 0, n, axis=a)
-    if perm is not None:
-      y = jnp.transpose(y, (*range(1, y.ndim - 1), 0, y.ndim - 1))
-    return y.astype(grad.dtype)
+    return y.astype(dtype)

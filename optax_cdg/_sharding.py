@@ -27,6 +27,11 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
+from jax.extend import core as jax_core
+from jax._src import dispatch  # the registry named where it is used
+from jax.interpreters import ad
+from jax.interpreters import batching
+from jax.interpreters import mlir
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -107,17 +112,17 @@ def _explicit_entries(x: jax.Array) -> tuple[_SpecEntries, object] | None:
   return entries, mesh
 
 
-def _shard_map_path(fn: FiberFn, x, consts, entries, mesh):
+def _shard_map_path(fn: FiberFn, x, lam, entries, mesh):
   _, moves = plan_moves(entries, x.shape, fn.axes, dict(mesh.shape))
 
-  def body(xl, *cs):
+  def body(xl, lam):
     for names, a, dest in moves:
       if dest is None:
         xl = jax.lax.all_gather(xl, names, axis=a, tiled=True)
       else:
         xl = jax.lax.all_to_all(xl, names, split_axis=dest, concat_axis=a,
                                 tiled=True)
-    y = fn(xl, *cs)
+    y = fn(xl, *fn.gains(lam))
     for names, a, dest in reversed(moves):
       if dest is None:
         chunk = y.shape[a] // math.prod(mesh.shape[n] for n in names)
@@ -129,19 +134,25 @@ def _shard_map_path(fn: FiberFn, x, consts, entries, mesh):
     return y
 
   spec = _to_spec(entries)
-  return jax.shard_map(body, mesh=mesh, in_specs=(spec,) + (P(),) * len(consts),
-                       out_specs=spec)(x, *consts)
+  return jax.shard_map(body, mesh=mesh, in_specs=(spec, P()),
+                       out_specs=spec)(x, lam)
 
 
 def _partition(fn, mesh, arg_shapes, result_shape):
   del result_shape
   x = arg_shapes[0]
-  # Transform axes unsharded; replicated if the sharding is not named.
-  inner = NamedSharding(mesh, P())
   if isinstance(x.sharding, NamedSharding):
     spec, _ = plan_moves(_entries(x.sharding.spec, len(x.shape)), x.shape,
                          fn.axes, dict(x.sharding.mesh.shape))
     inner = NamedSharding(x.sharding.mesh, _to_spec(spec))
+  elif all(x.sharding.shard_shape(x.shape)[a] == x.shape[a] for a in fn.axes):
+    inner = x.sharding  # fibers whole on each device: run it where it lies
+  else:
+    raise ValueError(
+        f"optax_cdg cannot move the fibers of an array of shape {x.shape} "
+        f"split along its transform axes {fn.axes} by a "
+        f"{type(x.sharding).__name__}; shard it with a NamedSharding, or "
+        "leave the transform axes unsplit.")
   consts = (NamedSharding(mesh, P()),) * (len(arg_shapes) - 1)
   return mesh, fn, inner, (inner,) + consts
 
@@ -164,59 +175,55 @@ _partitioned.def_partition(
     infer_sharding_from_operands=lambda fn, mesh, args, result: args[0].sharding)
 
 
-def _auto_path(fn: FiberFn, x, lam, gains=None):
-  """`custom_partitioning`, made differentiable and batchable.
+# `fiberwise_p.bind(x, lam, fn=fn, order=k)` is `fn(x, *d^k gains / d lam^k)`:
+# a primitive, so that every transformation has a rule. It is linear and
+# self-adjoint in `x` (its transpose is itself) and its derivative in `lam`
+# is the same primitive one order up, so derivatives of any order, forward
+# or reverse, stay partitioned. It lowers through custom_partitioning, which
+# has no rules of its own.
+fiberwise_p = jax_core.Primitive("cdg_fiberwise")
+fiberwise_p.def_abstract_eval(lambda x, lam, **_: x)
 
-  custom_partitioning has no JVP or batching rule. The operator is linear in
-  `x` and self-adjoint, so its VJP in `x` is itself; it is linear in its
-  gains too, so its derivative in a traced `lam` is the same operator with
-  the gains' derivative. A vmapped call is the same fiber-local computation
-  on an array with one more leading axis (`gains` given, `lam` None).
-  """
 
-  @jax.custom_batching.custom_vmap
-  def run(x, *gains):
-    return _partitioned(fn, x, *gains)
+def _bind_partitioned(x, lam, *, fn, order):
+  return _partitioned(fn, x, *fn.gains(lam, order))
 
-  @run.def_vmap
-  def _run_batched(axis_size, in_batched, x, *gains):
-    del axis_size
-    if any(in_batched[1:]):
-      # A batched smoothing: still fiber-local, but outside the partitioner.
-      in_axes = tuple(0 if b else None for b in in_batched)
-      return jax.vmap(fn, in_axes=in_axes)(x, *gains), True
-    if not in_batched[0]:
-      return run(x, *gains), False
-    return _auto_path(fn.shifted(1), x, None, gains), True
 
-  if lam is None or isinstance(lam, float):
-    gains = fn.gains(lam) if gains is None else gains
+# Lowering custom_partitioning needs the device assignment, which jit gives
+# only to primitives in this registry (as JAX does for custom_partitioning).
+dispatch.prim_requires_devices_during_lowering.add(fiberwise_p)
+fiberwise_p.def_impl(jax.jit(_bind_partitioned, static_argnames=("fn", "order")))
+mlir.register_lowering(fiberwise_p, mlir.lower_fun(_bind_partitioned,
+                                                   multiple_results=False))
+ad.defjvp(
+    fiberwise_p,
+    lambda tx, x, lam, *, fn, order: fiberwise_p.bind(
+        tx, lam, fn=fn, order=order),
+    lambda tlam, x, lam, *, fn, order: (fiberwise_p.bind(
+        x, lam, fn=fn, order=order + 1) * tlam).astype(x.dtype))
 
-    @jax.custom_vjp
-    def op(x):
-      return run(x, *gains)
 
-    op.defvjp(lambda x: (op(x), None), lambda _, ct: (op(ct),))
-    return op(x)
+def _transpose(ct, x, lam, *, fn, order):
+  if ad.is_undefined_primal(lam):
+    raise NotImplementedError("the operator is not linear in the smoothing")
+  if type(ct) is ad.Zero:
+    return ad.Zero(x.aval), None
+  return fiberwise_p.bind(ct, lam, fn=fn, order=order), None
 
-  @jax.custom_vjp
-  def op_lam(x, lam):
-    return run(x, *fn.gains(lam))
 
-  def fwd(x, lam):
-    keep = x.value if lam.perturbed else None
-    return op_lam(x.value, lam.value), (lam.value, keep)
+def _batch(args, dims, *, fn, order):
+  x, lam = args
+  x_dim, lam_dim = dims
+  if lam_dim is not None:
+    # A batched smoothing: fiber-local still, as plain jax.
+    return jax.vmap(lambda x, lam: fn(x, *fn.gains(lam, order)),
+                    in_axes=(x_dim, lam_dim))(x, lam), 0
+  x = jnp.moveaxis(x, x_dim, 0)
+  return fiberwise_p.bind(x, lam, fn=fn.shifted(1), order=order), 0
 
-  def bwd(res, ct):
-    lam, x = res
-    ct_x = run(ct, *fn.gains(lam))
-    if x is None:
-      return ct_x, jnp.zeros_like(lam)
-    _, d_gains = jax.jvp(fn.gains, (lam,), (jnp.ones_like(lam),))
-    return ct_x, jnp.sum(ct * run(x, *d_gains)).astype(lam.dtype)
 
-  op_lam.defvjp(fwd, bwd, symbolic_zeros=True)
-  return op_lam(x, lam)
+ad.primitive_transposes[fiberwise_p] = _transpose
+batching.primitive_batchers[fiberwise_p] = _batch
 
 
 def apply_fiberwise(fn: FiberFn, x: jax.Array, lam) -> jax.Array:
@@ -227,7 +234,7 @@ def apply_fiberwise(fn: FiberFn, x: jax.Array, lam) -> jax.Array:
   """
   explicit = _explicit_entries(x)
   if explicit is None:
-    return _auto_path(fn, x, lam)
+    return fiberwise_p.bind(x, lam, fn=fn, order=0)
   if not any(explicit[0]):  # replicated: every device computes it all
     return fn(x, *fn.gains(lam))
-  return _shard_map_path(fn, x, fn.gains(lam), *explicit)
+  return _shard_map_path(fn, x, lam, *explicit)
