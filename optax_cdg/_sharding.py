@@ -205,7 +205,9 @@ ad.defjvp(
 
 def _transpose(ct, x, lam, *, fn, order):
   if ad.is_undefined_primal(lam):
-    raise NotImplementedError("the operator is not linear in the smoothing")
+    raise NotImplementedError(
+        "optax_cdg's operator is linear in the array, not in the smoothing: "
+        "it has no transpose in the smoothing.")
   if type(ct) is ad.Zero:
     return ad.Zero(x.aval), None
   return fiberwise_p.bind(ct, lam, fn=fn, order=order), None
@@ -214,12 +216,17 @@ def _transpose(ct, x, lam, *, fn, order):
 def _batch(args, dims, *, fn, order):
   x, lam = args
   x_dim, lam_dim = dims
-  if lam_dim is not None:
-    # A batched smoothing: fiber-local still, as plain jax.
-    return jax.vmap(lambda x, lam: fn(x, *fn.gains(lam, order)),
-                    in_axes=(x_dim, lam_dim))(x, lam), 0
-  x = jnp.moveaxis(x, x_dim, 0)
-  return fiberwise_p.bind(x, lam, fn=fn.shifted(1), order=order), 0
+  if lam_dim is None:
+    x = jnp.moveaxis(x, x_dim, 0)
+    return fiberwise_p.bind(x, lam, fn=fn.shifted(1), order=order), 0
+  # A batched smoothing: one partitioned call per value, in a loop, since
+  # the gains then differ along the batch.
+  lam = jnp.moveaxis(lam, lam_dim, 0)
+  if x_dim is None:
+    one = lambda lam: fiberwise_p.bind(x, lam, fn=fn, order=order)
+    return jax.lax.map(one, lam), 0
+  return jax.lax.map(lambda xl: fiberwise_p.bind(*xl, fn=fn, order=order),
+                     (jnp.moveaxis(x, x_dim, 0), lam)), 0
 
 
 ad.primitive_transposes[fiberwise_p] = _transpose

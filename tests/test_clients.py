@@ -21,6 +21,7 @@ from typing import Any, Callable
 from flax import nnx
 from flax.training import dynamic_scale
 from flax.training import train_state
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -511,3 +512,45 @@ def test_changing_hyperparams_compiles_once_when_the_dtype_is_kept(client):
     run()
     check({"smoothing": value})
   assert traces.count == 2
+
+
+# --- Optax's generic check: inject_hyperparams changes no number. -----------
+#
+# Optax's contrib tests wrap every optimizer in `optax.inject_hyperparams` and
+# compare its updates and states with the plain optimizer's at rtol 1e-5. With
+# CDG inside, the injected smoothing is a traced scalar and the plain one a
+# number; both take one path, so they agree bit for bit in the CDG part.
+
+
+def _cdg_sgd_factory(learning_rate, smoothing):
+  return optax_cdg.cdg_sgd(learning_rate, momentum=0.9, smoothing=smoothing)
+
+
+def _schedule_free_factory(learning_rate, smoothing):
+  return optax.contrib.schedule_free(
+      optax_cdg.cdg_sgd(learning_rate, smoothing=smoothing), learning_rate)
+
+
+@pytest.mark.parametrize("factory", [_cdg_sgd_factory, _schedule_free_factory,
+                                     optax_cdg.channel_directed])
+def test_inject_hyperparams_matches_the_plain_optimizer(factory):
+  hparams = {"smoothing": 0.1}
+  if factory is not optax_cdg.channel_directed:
+    hparams["learning_rate"] = 0.1
+  plain = factory(**hparams)
+  injected = optax.inject_hyperparams(factory)(**hparams)
+  rng = np.random.default_rng(0)
+  params = {"conv": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 4, 16)),
+                                           jnp.float32),
+                     "bias": jnp.zeros(16)}}
+  grads = jax.tree.map(lambda p: jnp.cos(3 * p) + 0.1, params)
+  states = jax.jit(plain.init)(params), jax.jit(injected.init)(params)
+  for _ in range(3):
+    (u_plain, s_plain), (u_injected, s_injected) = (
+        jax.jit(tx.update)(grads, s, params)
+        for tx, s in zip((plain, injected), states, strict=True))
+    chex.assert_trees_all_close(u_injected, u_plain, rtol=1e-5)
+    if factory is optax_cdg.channel_directed:
+      chex.assert_trees_all_equal(u_injected, u_plain)
+    states = s_plain, s_injected
+    params = optax.apply_updates(params, u_plain)
