@@ -13,9 +13,13 @@ appends it to `$OUT/device_check.md`:
 - step:    a jitted CIFAR ResNet-18 step (benchmarks/step.py's), batch 128
            and 32: plain SGD-momentum, the control (`optax.clip(1e6)`),
            `cdg` (the library) and `cdg-view` (the FFT on the view
-           `(in, *spatial, out)`, the CPU's layout), interleaved;
-- update:  the update of ResNet-50's kernels alone against a device copy:
-           `optax.scale`, a bare rfft/irfft pair, cdg, cdg-view;
+           `(in, *spatial, out)`, the CPU's layout), interleaved; two
+           reference variants that are not the library: one FFT pair per
+           width (every leaf's fibers of one length concatenated) and a
+           dense `x @ A^{-1}` (HIGHEST precision);
+- update:  the update of ResNet-18's and ResNet-50's kernels alone against
+           a device copy: `optax.scale`, a bare rfft/irfft pair, cdg,
+           cdg-view;
 - compile: the first compile of ResNet-50's update against `optax.scale`.
 
 Usage:
@@ -52,6 +56,18 @@ def log(*parts: object) -> None:
     f.write(line + "\n")
 
 
+def resnet18_shapes(small: bool) -> list[tuple[int, ...]]:
+  """The conv kernels of benchmarks/step.py's CIFAR ResNet-18."""
+  shapes, cin = [(3, 3, 3, 64)], 64
+  for stage, w in enumerate((64, 128, 256, 512)):
+    for b in range(2):
+      shapes += [(3, 3, cin, w), (3, 3, w, w)]
+      if (stage and not b) or cin != w:
+        shapes.append((1, 1, cin, w))
+      cin = w
+  return shapes[:6] if small else shapes
+
+
 def resnet50_shapes(small: bool) -> list[tuple[int, ...]]:
   shapes, cin = [(7, 7, 3, 64)], 64
   for blocks, w in ((3, 64), (4, 128), (6, 256), (3, 512)):
@@ -85,6 +101,35 @@ def view_update(tree):
     y = jnp.fft.irfft(jnp.fft.rfft(v, axis=-1) * gain, n=n, axis=-1)
     return jnp.transpose(y, np.argsort(perm))
   return jax.tree.map(one, tree)
+
+
+def grouped_update(tree):
+  """The default update with one FFT pair per width: every leaf's fibers of
+  one length concatenated (a reference variant, not the library)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  out = list(leaves)
+  groups: dict[int, list[int]] = {}
+  for i, g in enumerate(leaves):
+    if g.ndim == 4 and g.shape[-1] > 1:
+      groups.setdefault(g.shape[-1], []).append(i)
+  for n, index in groups.items():
+    flat = jnp.concatenate([leaves[i].reshape(-1, n) for i in index])
+    gain = jnp.asarray(optax_cdg.spectral_gain(n), jnp.float32)
+    y = jnp.fft.irfft(jnp.fft.rfft(flat, axis=-1) * gain, n=n, axis=-1)
+    start = 0
+    for i in index:
+      out[i] = y[start:start + leaves[i].size // n].reshape(leaves[i].shape)
+      start += leaves[i].size // n
+  return jax.tree.unflatten(treedef, out)
+
+
+def dense_update(tree):
+  """The default update as `x @ A^{-1}` per leaf, float32 at HIGHEST
+  precision (a reference variant, not the library)."""
+  def one(g):
+    inverse = jnp.asarray(dense_inverse(g.shape[-1]), jnp.float32)
+    return jnp.matmul(g, inverse, precision=jax.lax.Precision.HIGHEST)
+  return jax.tree.map(lambda g: one(g) if g.ndim == 4 else g, tree)
 
 
 def rfft_pair(tree):
@@ -125,6 +170,10 @@ def sec_exact(small: bool) -> None:
   log(f"| default update vs the CPU backend | {worst_rel(out, on_cpu):.2e} |")
   log("| with the layout view vs the library | "
       f"{worst_rel(jax.jit(view_update)(tree), out):.2e} |")
+  log("| one FFT pair per width (reference) vs the library | "
+      f"{worst_rel(jax.jit(grouped_update)(tree), out):.2e} |")
+  log("| dense x @ A^-1, HIGHEST (reference) vs float64 | "
+      f"{worst_rel(jax.jit(dense_update)(tree), dense):.2e} |")
   log(f"| traced smoothing vs the number (bitwise equal: {same}) | "
       f"{worst_rel(traced, out):.2e} |")
   # Transformations on a few leaves, each against the CPU backend.
@@ -202,7 +251,10 @@ def sec_step(small: bool, batch: int, reps: int, blocks: int) -> None:
          "control": optax.chain(optax.clip(1e6), sgd),
          "cdg": optax.chain(optax_cdg.channel_directed(), sgd),
          "cdg-view": optax.chain(per_leaf(lambda u: jax.tree.map(
-             lambda g: view_update(g) if g.ndim == 4 else g, u)), sgd)}
+             lambda g: view_update(g) if g.ndim == 4 else g, u)), sgd),
+         "ref: one FFT pair per width": optax.chain(
+             per_leaf(grouped_update), sgd),
+         "ref: dense x @ A^-1": optax.chain(per_leaf(dense_update), sgd)}
   log(f"\n## step (CIFAR ResNet-18, batch {batch}, float32, SGD momentum)\n")
   states, fns = {}, {}
   for name, tx in txs.items():
@@ -224,8 +276,9 @@ def sec_step(small: bool, batch: int, reps: int, blocks: int) -> None:
   report(interleave(fns, reps, blocks), "plain", "ms")
 
 
-def sec_update(small: bool, reps: int, blocks: int) -> None:
-  shapes = resnet50_shapes(small)
+def sec_update(small: bool, reps: int, blocks: int, net: str) -> None:
+  shapes = {"ResNet-18": resnet18_shapes,
+            "ResNet-50": resnet50_shapes}[net](small)
   tree = kernel_tree(shapes)
   size = sum(int(np.prod(s)) for s in shapes)
   fns = {"copy": jax.jit(lambda t: jax.tree.map(jnp.copy, t)),
@@ -236,7 +289,7 @@ def sec_update(small: bool, reps: int, blocks: int) -> None:
          "cdg-view": jax.jit(view_update)}
   for f in fns.values():
     jax.block_until_ready(f(tree))
-  log(f"\n## update (ResNet-50 kernels, {len(shapes)} leaves, "
+  log(f"\n## update ({net} kernels, {len(shapes)} leaves, "
       f"{size / 1e6:.1f}M float32, stored row-major)\n")
   report(interleave({k: timer(lambda f=f: f(tree)) for k, f in fns.items()},
                     reps, blocks), "copy", "us")
@@ -290,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
         for batch in args.batches:
           sec_step(args.small, batch, args.reps, args.blocks)
       elif section == "update":
-        sec_update(args.small, args.reps * 2, args.blocks)
+        for net in ("ResNet-18", "ResNet-50"):
+          sec_update(args.small, args.reps * 2, args.blocks, net)
       elif section == "compile":
         sec_compile(args.small, 3)
       else:

@@ -11,7 +11,7 @@ concrete smoothing value, in jax for a traced one, from one formula).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,8 @@ from optax_cdg import _checks
 # by 1 / (1 + 4 * 0.1) = 0.71 at every width, where the former default
 # ("unit", 1e-4) damped it more the wider the layer (0.13 at 128 channels).
 # Every public function shares them, so one number means one operator.
-DEFAULT_SMOOTHING = 0.1
-DEFAULT_SCALE = "grid"
+DEFAULT_SMOOTHING: Final = 0.1
+DEFAULT_SCALE: Final = "grid"
 
 
 def eigenvalues(sizes: Sequence[int], boundary: str, scale: str,
@@ -60,10 +60,10 @@ def gain(sizes: Sequence[int], lam: float | jax.Array, metric: str,
   array of `lam`'s dtype, all NaN if the metric rejects `lam`: a traced
   argument cannot raise, so the error must be loud instead.
   """
-  mu = eigenvalues(sizes, boundary, scale, extended)
-  concrete = _checks.is_concrete(lam)
-  xp = np if concrete else jnp
-  mu = mu if concrete else jnp.asarray(mu, lam.dtype)
+  concrete = isinstance(lam, float)
+  xp: Any = np if concrete else jnp
+  mu = xp.asarray(eigenvalues(sizes, boundary, scale, extended),
+                  np.float64 if concrete else jnp.result_type(lam))
   zero = mu == 0.0  # the constant (mean) mode only
   with np.errstate(divide="ignore"):
     if metric == "sobolev":

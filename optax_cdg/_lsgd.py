@@ -36,7 +36,7 @@ def _smooth_flat(x: jax.Array, sigma: float | jax.Array,
 
 
 def laplacian_smoothing(
-    sigma: float = 0.5,
+    sigma: float | jax.Array = 0.5,
     *,
     method: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
@@ -76,7 +76,7 @@ def laplacian_smoothing(
     Osher et al., `Laplacian Smoothing Gradient Descent
     <https://arxiv.org/abs/1806.06317>`_, 2018.
   """
-  sigma = _checks.check_smoothing(sigma, "sobolev", name="sigma")
+  lam = _checks.check_smoothing(sigma, "sobolev", name="sigma")
   _checks.check_method(method, "sobolev")
 
   def init_fn(params):
@@ -90,7 +90,7 @@ def laplacian_smoothing(
       if (_selection.is_passthrough(x) or x.size < 2
           or not jnp.issubdtype(x.dtype, jnp.floating)):
         return x
-      return _smooth_flat(x, sigma, method)
+      return _smooth_flat(x, lam, method)
 
     return jax.tree.map(one, updates, is_leaf=_selection.is_passthrough), state
 

@@ -192,7 +192,7 @@ class Operator:
       return jax.lax.platform_dependent(
           x, *gains, default=lambda x, *gains: self._fft(x, gains, grad.dtype),
           cpu=lambda x, *gains: jnp.transpose(self._fft(
-              jnp.transpose(x, perm), gains, grad.dtype), np.argsort(perm)))
+              jnp.transpose(x, perm), gains, grad.dtype), tuple(int(i) for i in np.argsort(perm))))
     return self._fft(x, gains, grad.dtype)
 
   def _fft(self, x: jax.Array, gains: Sequence[jax.Array], dtype: Any):

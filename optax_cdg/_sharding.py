@@ -22,7 +22,8 @@ transform axis instead (each device then keeps its own slice).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +37,26 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-# fn(x, *gains) -> array of x's shape, acting on each fiber along `fn.axes`
-# (sorted, non-negative), linear in x and in the gains, self-adjoint in x;
-# `fn.gains(lam)` gives the gains. It must hash and compare by value (a frozen
-# dataclass, say): it is a static argument of custom_partitioning, which
-# caches on it. Its method `shifted(k)` returns the same operator for an array
-# with k more leading axes (used by vmap).
-FiberFn = Callable[..., jax.Array]
+class FiberFn(Protocol):
+  """What this module needs of the operator (`_operator.Operator`).
+
+  `fn(x, *fn.gains(lam))` acts on each fiber along `fn.axes` (sorted,
+  non-negative) alone, linear and self-adjoint in `x`. It hashes and compares
+  by value: it is a static argument of custom_partitioning and a parameter
+  of the primitive, both cached on it.
+  """
+
+  @property
+  def axes(self) -> tuple[int, ...]: ...
+
+  def __call__(self, x: jax.Array, /, *gains: jax.Array) -> jax.Array: ...
+
+  def gains(self, lam: jax.Array, order: int = 0) -> tuple[jax.Array, ...]:
+    """The gains for `lam`, or their `order`-th derivative in `lam`."""
+
+  def shifted(self, k: int) -> FiberFn:
+    """The same operator on an array with `k` more leading axes."""
+
 
 _SpecEntries = list[tuple[str, ...]]
 
@@ -134,7 +148,7 @@ def _shard_map_path(fn: FiberFn, x, lam, entries, mesh):
     return y
 
   spec = _to_spec(entries)
-  return jax.shard_map(body, mesh=mesh, in_specs=(spec, P()),
+  return jax.shard_map(body, mesh=mesh, in_specs=(spec, P()), check_vma=False,
                        out_specs=spec)(x, lam)
 
 

@@ -35,7 +35,8 @@ class ChannelDirectedState(NamedTuple):
     ChannelDirectedState(count=Array(1, dtype=int32))
   """
 
-  count: jax.Array
+  # Optax's name for the step count; it shadows tuple.count, as in Optax.
+  count: jax.Array  # type: ignore[assignment]
 
 
 def channel_directed(
