@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import re
 import sys
@@ -251,6 +252,16 @@ class PathSelection:
     return out
 
 
+def _import_flax(name: str, helper: str) -> Any:
+  """Imports `name` (flax.linen or flax.nnx), or names the extra to install."""
+  try:
+    return importlib.import_module(name)
+  except ImportError as e:
+    raise ImportError(
+        f"optax_cdg.{helper} needs Flax, and {name} cannot be imported "
+        f"({e}). Install it with: pip install \"optax_cdg[flax]\"") from e
+
+
 def _record(specs: dict, names: tuple[str, ...], shape: Sequence[int],
             inner: Sequence[int], transposed: bool) -> None:
   """Records a conv kernel of per-layer shape `inner`, stacked to `shape`."""
@@ -304,7 +315,7 @@ def linen_conv_kernels(module: Any, *example_args: Any,
     >>> kernels(params["params"])["Conv_0"]["kernel"]
     KernelSpec(output_axis=-1, stacked_axes=0, input_axis=None)
   """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  nn = _import_flax("flax.linen", "linen_conv_kernels")
   if not isinstance(module, nn.Module):
     raise TypeError(
         f"module must be a flax.linen.Module; got {type(module).__name__}.")
@@ -369,7 +380,7 @@ def nnx_conv_kernels(model: Any) -> PathSelection:
     ...                  optax.adam(1e-3))
     >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+  nnx = _import_flax("flax.nnx", "nnx_conv_kernels")
   if not isinstance(model, nnx.Module):
     raise TypeError(
         f"model must be a flax.nnx.Module; got {type(model).__name__}.")

@@ -29,7 +29,8 @@ import pytest
 
 import _extras
 import optax_cdg
-from _models import LinenCNN, as_pure, toy_task
+from _models import LinenCNN, as_pure
+from _task import toy_task
 
 eqx = _extras.require("equinox")
 

@@ -14,7 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optax_cdg
-from _models import LINEN_MIXED_INPUT, LinenCNN, LinenMixed, toy_task
+from _models import LINEN_MIXED_INPUT, LinenCNN, LinenMixed
+from _task import toy_task
 
 
 def _batch(step):

@@ -15,7 +15,8 @@ import pytest
 import optax_cdg
 import _reference
 from _models import (LINEN_MIXED_CONVS, LINEN_MIXED_INPUT, LinenCNN, as_pure,
-                     LinenMixed, NNX_MIXED_CONVS, NNXMixed, toy_task)
+                     LinenMixed, NNX_MIXED_CONVS, NNXMixed)
+from _task import toy_task
 
 STATIC = ("metric", "direction", "boundary", "scale", "kernels")
 
