@@ -46,23 +46,23 @@ Phases (the full mode runs them in this order, decisive comparisons first):
   resnet     the 1-D ResNet at widths 32/64/128: the baseline, the former
              default and the default the rule chose on the CNN.
 
-  python studies/mnist1d_evidence.py --quick --out /tmp/m1d          # < 15 min
-  python studies/mnist1d_evidence.py --out /work/sweeps/mnist1d      # full, hours
-  python studies/mnist1d_evidence.py --report-only --out /work/sweeps/mnist1d \\
+  python -m studies.mnist1d_evidence --quick --out /tmp/m1d          # < 15 min
+  python -m studies.mnist1d_evidence --out /work/sweeps/mnist1d      # full, hours
+  python -m studies.mnist1d_evidence --report-only --out /work/sweeps/mnist1d \\
       --results studies/results/mnist1d                       # report now
 
 The committed report: results.md and the plots again from results.json alone
 (--from-results), or everything again from the packed run cache:
 
-  python studies/mnist1d_evidence.py --from-results \\
+  python -m studies.mnist1d_evidence --from-results \\
       --results studies/results/mnist1d
-  python studies/mnist1d_evidence.py --report-only --out studies/results/mnist1d
+  python -m studies.mnist1d_evidence --report-only --out studies/results/mnist1d
 
 Widths 256 and 512 (a GPU host without network): make the arrays on a CPU
 host, then run the decisive phase from the file:
 
-  python studies/mnist1d_evidence.py --make-data mnist1d_arrays.npz
-  python studies/mnist1d_evidence.py --data mnist1d_arrays.npz --out DIR \\
+  python -m studies.mnist1d_evidence --make-data mnist1d_arrays.npz
+  python -m studies.mnist1d_evidence --data mnist1d_arrays.npz --out DIR \\
       --phases decisive --widths 256,512 --optimizers adamw
 """
 
@@ -88,14 +88,12 @@ import optax
 
 import optax_cdg
 
-_STUDIES = os.path.dirname(os.path.abspath(__file__))
-# reproduce.py sits beside this script; common.py, the models and training
-# loop shared with the examples, in examples/.
-sys.path[:0] = [_STUDIES, os.path.join(os.path.dirname(_STUDIES), "examples")]
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from reproduce import _optimizer as reproduce_optimizer  # pylint: disable=g-import-not-at-top,wrong-import-position
-from reproduce import mean_ci95  # pylint: disable=g-import-not-at-top,wrong-import-position
-from reproduce import select_lr  # pylint: disable=g-import-not-at-top,wrong-import-position
+# The models and training loop shared with the examples, and reproduce.py's
+# optimizers and statistics.
+from examples import common
+from studies.reproduce import mean_ci95
+from studies.reproduce import optimizer_chain
+from studies.reproduce import select_lr
 
 # ----------------------------------------------------------------------- data
 
@@ -321,7 +319,7 @@ def _optimizer(name: str, learning_rate, total_steps: int) -> list[Any]:
   if name == "adam_constant":  # the issue's reported check: no schedule
     return [optax.scale_by_adam(),
             optax.scale_by_learning_rate(learning_rate)]
-  return reproduce_optimizer(name, learning_rate, total_steps)
+  return optimizer_chain(name, learning_rate, total_steps)
 
 
 def make_tx(method: Method, optimizer: str,

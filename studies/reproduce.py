@@ -20,17 +20,17 @@ the seeds, and the mean paired difference to the baseline (each at its own
 chosen learning rate) with its 95% t-interval. The "best" CDG setting is
 chosen on validation accuracy, never on test.
 
-  python studies/reproduce.py --quick --out results_quick
-  python studies/reproduce.py --out results_full      # the full mode
+  python -m studies.reproduce --quick --out results_quick
+  python -m studies.reproduce --out results_full      # the full mode
 
 Writes DIR/results.json, DIR/results.md and PNG plots to DIR, and every
 finished run to DIR/runs/. With --resume, runs found there are reused: an
 interrupted invocation continues where it stopped, and optimizers run in
 separate processes merge into one report:
 
-  python studies/reproduce.py --optimizers sgd --out D &
-  python studies/reproduce.py --optimizers adamw --out D
-  wait; python studies/reproduce.py --resume --out D
+  python -m studies.reproduce --optimizers sgd --out D &
+  python -m studies.reproduce --optimizers adamw --out D
+  wait; python -m studies.reproduce --resume --out D
 """
 
 from __future__ import annotations
@@ -53,10 +53,8 @@ from tqdm import tqdm
 
 import optax_cdg
 
-# common.py, the models and training loop shared with the examples.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "examples"))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+# The models and training loop shared with the examples.
+from examples import common
 
 SGD_WEIGHT_DECAY = 5e-4
 ADAMW_WEIGHT_DECAY = 1e-2
@@ -140,7 +138,9 @@ def methods_for(mode: Mode) -> list[Method]:
   return out
 
 
-def _optimizer(name: str, learning_rate, total_steps: int) -> list[Any]:
+def optimizer_chain(name: str, learning_rate,
+                    total_steps: int) -> list[Any]:
+  """The transforms of the study's "sgd" or "adamw", after CDG or LSGD."""
   cosine = optax.scale_by_schedule(
       optax.cosine_decay_schedule(1.0, total_steps))
   if name == "sgd":
@@ -161,7 +161,7 @@ def make_tx(method: Method, total_steps: int,
   opt = method.optimizer
   if method.transform == "baseline":
     def factory(learning_rate):
-      return optax.chain(*_optimizer(opt, learning_rate, total_steps))
+      return optax.chain(*optimizer_chain(opt, learning_rate, total_steps))
     return optax.inject_hyperparams(factory)(learning_rate=1.0)
   if method.transform == "cdg":
     metric, direction = method.metric, method.direction
@@ -172,11 +172,11 @@ def make_tx(method: Method, total_steps: int,
           optax_cdg.channel_directed(smoothing, metric=metric,
                                      direction=direction, scale="unit",
                                      kernels=kernels),
-          *_optimizer(opt, learning_rate, total_steps))
+          *optimizer_chain(opt, learning_rate, total_steps))
   elif method.transform == "lsgd":
     def factory(learning_rate, smoothing):
       return optax.chain(optax_cdg.laplacian_smoothing(smoothing),
-                         *_optimizer(opt, learning_rate, total_steps))
+                         *optimizer_chain(opt, learning_rate, total_steps))
   else:
     raise ValueError(f"transform={method.transform!r}")
   return optax.inject_hyperparams(factory)(learning_rate=1.0, smoothing=1.0)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 import tempfile
 
 from absl.testing import absltest
@@ -18,12 +17,10 @@ import optax_cdg
 
 import _extras
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "examples"))
-
-import cifar10  # pylint: disable=g-import-not-at-top,wrong-import-position
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-import quickstart_nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
+# examples/ is on the path (pyproject's pythonpath), as for a script there.
+import cifar10
+import common
+import quickstart_nnx
 
 TINY_RESNET = common.ResNet(blocks_per_stage=1, widths=(4, 8, 8))
 TINY_CNN = common.SmallCNN(widths=(2, 4))

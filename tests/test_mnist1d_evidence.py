@@ -4,7 +4,6 @@ report."""
 import json
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 from unittest import mock
@@ -20,10 +19,9 @@ import _extras
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "studies", "results")
-sys.path[:0] = [os.path.join(ROOT, "studies"), os.path.join(ROOT, "examples")]
 
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-import mnist1d_evidence as m1d  # pylint: disable=g-import-not-at-top,wrong-import-position
+from examples import common
+from studies import mnist1d_evidence as m1d
 
 
 def _data(n=120, seed=0):

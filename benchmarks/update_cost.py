@@ -20,9 +20,9 @@ Sections (all by default, or pick with --sections):
 What CDG costs in a training step is benchmarks/step.py.
 
 Usage:
-  python benchmarks/operator.py --quick      # a few minutes on 2 CPU cores
-  python benchmarks/operator.py              # everything
-  python benchmarks/operator.py --sections tree --reps 31
+  python benchmarks/update_cost.py --quick      # a few minutes on 2 CPU cores
+  python benchmarks/update_cost.py              # everything
+  python benchmarks/update_cost.py --sections tree --reps 31
 Runs unchanged on CPU, GPU and TPU; it prints the device.
 """
 
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.compile_reps = 1 if args.quick else 3
   print(describe_device())
   print(f"date: {time.strftime('%Y-%m-%d %H:%M')}; command: "
-        f"python benchmarks/operator.py {' '.join(sys.argv[1:])}")
+        f"python benchmarks/update_cost.py {' '.join(sys.argv[1:])}")
   for name in SECTIONS:
     if name in args.sections:
       globals()[f"section_{name}"](args)
