@@ -73,8 +73,8 @@ class NoKernelsSelectedWarning(UserWarning):
     ...   try:
     ...     tx.update(grads, tx.init(grads))
     ...   except optax_cdg.NoKernelsSelectedWarning as e:
-    ...     print(str(e)[:48])
-    channel_directed selected no leaf of the updates
+    ...     print(str(e)[:34])
+    channel_directed changed nothing:
   """
 
 
@@ -99,7 +99,8 @@ def path_names(path: Sequence[Any]) -> tuple[str, ...]:
 
 
 def format_path(path: Sequence[Any]) -> str:
-  return "/".join(path_names(path)) or "<root>"
+  """A leaf's place, as `conv/kernel`; the whole tree is "the updates"."""
+  return "/".join(path_names(path)) or "the updates"
 
 
 _NOT_CONV = re.compile(
@@ -245,7 +246,7 @@ class PathSelection:
       want = ["/".join(p) for p in list(self.specs)[:3]]
       raise ValueError(
           f"kernels: none of the {len(self.specs)} conv kernels recorded from "
-          f"the {self.source} is in the updates tree (recorded paths such as "
+          f"the {self.source} is in the updates (recorded paths such as "
           f"{want}; update paths such as {got}). Pass the parameters tree "
           "itself, as `module.init(...)['params']` or `nnx.state(model, "
           "nnx.Param)`.")
@@ -394,18 +395,29 @@ def nnx_conv_kernels(model: Any) -> PathSelection:
   return PathSelection(specs, f"nnx model {type(model).__name__}")
 
 
-def _spec_error(spec: Any, where: str) -> TypeError:
-  """The error for a value of a `kernels` tree that is not a spec."""
+def _spec_error(spec: Any, path: Sequence[Any]) -> TypeError:
+  """The error for a value of a `kernels` argument that selects nothing."""
   what, hint = repr(spec), ""
+  if len(what) > 60:
+    what = f"a {type(spec).__name__}"
   if hasattr(spec, "shape") and hasattr(spec, "dtype"):
     what = f"an array of shape {tuple(spec.shape)} and dtype {spec.dtype}"
     hint = (f" {STATIC_ARGS_HINT}" if np.ndim(spec) == 0 else  # a step count
-            " It looks like a parameter or gradient array: pass a selection,"
-            " such as optax_cdg.conv_kernels(params), or leave kernels=None.")
+            " It looks like the parameters or gradients themselves: pass "
+            "a selection of them, such as optax_cdg.conv_kernels(params).")
+  if not path:
+    return TypeError(
+        f"kernels={what} is not a selection of conv kernels. Pass "
+        "kernels=None to guess them from the parameters' names and shapes, "
+        "a model's exact selection (optax_cdg.linen_conv_kernels(module, x) "
+        "or optax_cdg.nnx_conv_kernels(model)), or a dict shaped like the "
+        "parameters with True, False, an output axis (int) or an "
+        f"optax_cdg.KernelSpec for each kernel.{hint}")
   return TypeError(
-      f"kernels: the value at {where} is {what}; expected None, False, True, "
-      "an output axis (int) or an optax_cdg.KernelSpec (or pass a callable "
-      f"or None).{hint}")
+      f"kernels gives {what} for {format_path(path)}: each value of a "
+      "kernels dict is True, False, None, an output axis (int) or an "
+      "optax_cdg.KernelSpec. Or pass kernels=None to guess the conv kernels "
+      f"from the parameters' names and shapes.{hint}")
 
 
 def _axis(value: Any, name: str, where: str, shape: tuple[int, ...]) -> int:
@@ -435,7 +447,7 @@ def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
   elif isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
     spec = KernelSpec(output_axis=int(spec))
   elif not isinstance(spec, KernelSpec):
-    raise _spec_error(spec, where)
+    raise _spec_error(spec, path)
   if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype,
                                                       jnp.floating):
     what = (f"has dtype {leaf.dtype}" if hasattr(leaf, "dtype") else
@@ -446,8 +458,8 @@ def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
   ndim = len(shape)
   if ndim < 2:
     raise ValueError(
-        f"kernels selects {where} of shape {shape}; a selected leaf needs at "
-        "least 2 dimensions (input and output channels).")
+        f"kernels selects {where} of shape {shape}; a selected array needs "
+        "at least 2 dimensions (input and output channels).")
   stacked = spec.stacked_axes
   stacked = int(stacked) if isinstance(stacked, np.integer) else stacked
   if isinstance(stacked, bool) or not isinstance(stacked, int) or not (
@@ -473,8 +485,8 @@ def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
   if inp is None:
     raise ValueError(
         f"direction={direction!r} needs the input-channel axis, but the "
-        f"spec at {where} (shape {shape}) names output_axis={out}, not one of "
-        "the last two axes, and no input_axis: pass "
+        f"kernels value at {where} (shape {shape}) names output_axis={out}, "
+        "not one of the last two axes, and no input_axis: pass "
         f"KernelSpec(output_axis={out}, input_axis=...), for OIHW kernels "
         f"input_axis={out + 1}.")
   if direction == "input":
@@ -505,9 +517,10 @@ def map_selected(fn: Callable[[jax.Array, tuple[int, ...]], Any],
     subtrees = treedef.flatten_up_to(updates)
   except (ValueError, TypeError) as e:
     raise ValueError(
-        "kernels: the spec tree must be a prefix of the updates tree (same "
-        "containers and keys, with None/False/True/axis values at or above "
-        f"the leaves); they differ: {e}") from e
+        "kernels does not match the updates: a kernels dict needs the "
+        "parameters' keys and nesting (a True, False or KernelSpec value may "
+        "stand for a whole sub-dict). Or pass kernels=None to guess the conv "
+        f"kernels. They differ: {e}") from e
   selected = False
 
   def one(path, spec, p, x):
@@ -549,7 +562,7 @@ def check_kernels(kernels: Any) -> None:
   for path, spec in jax.tree_util.tree_flatten_with_path(
       kernels, is_leaf=is_spec_leaf)[0]:
     if not is_spec_leaf(spec):
-      raise _spec_error(spec, format_path(path))
+      raise _spec_error(spec, path)
 
 
 def warn_nothing_selected(updates: Any, kernels: Any) -> None:
@@ -558,26 +571,24 @@ def warn_nothing_selected(updates: Any, kernels: Any) -> None:
       updates, is_leaf=is_passthrough)[0] if hasattr(x, "shape")]
   if not arrays:  # nothing that could have been transformed
     return
-  seen = ", ".join(f"{format_path(p)} {tuple(x.shape)}" for p, x in arrays[:4])
-  more = f" and {len(arrays) - 4} more" if len(arrays) > 4 else ""
-  what = ("kernels=None (the optax_cdg.conv_kernels guess)" if kernels is None
-          else f"kernels={kernels!r} (called on the updates)"
-          if callable(kernels) else "the kernels tree")
+  seen = ", ".join(f"{format_path(p)} {tuple(x.shape)}" for p, x in arrays[:2])
+  more = f", +{len(arrays) - 2}" if len(arrays) > 2 else ""
+  if kernels is None:
+    what = "kernels=None (the guess)"
+  elif callable(kernels):
+    name = getattr(kernels, "__name__", type(kernels).__name__)
+    what = f"kernels={name}"
+  else:
+    what = "the kernels dict"
+  hint = (" Through optax.inject_hyperparams it needs "
+          "static_args=(\"kernels\",)." if callable(kernels) else "")
   warnings.warn(
-      "channel_directed selected no leaf of the updates, so it returns them "
-      f"unchanged: {what} selected none of its {len(arrays)} arrays "
-      f"({seen}{more}). kernels=None finds Flax conv kernels (leaves named "
-      "'kernel' with 3 or more dimensions) and the weights of Equinox "
-      "Conv/ConvTranspose modules. Otherwise pass "
+      f"channel_directed changed nothing: {what} selected none of the "
+      f"{len(arrays)} arrays ({seen}{more}). Pass "
       "kernels=optax_cdg.linen_conv_kernels(module, x), "
-      "optax_cdg.nnx_conv_kernels(model), or an explicit spec tree such as "
-      "{'conv': {'w': True}} (Haiku, HWIO) or "
-      "{'conv': optax_cdg.KernelSpec(output_axis=0, input_axis=1)} (OIHW). "
-      "A callable kernels given to optax.inject_hyperparams needs "
-      "static_args=(\"kernels\",). Silence this warning with "
-      "warnings.filterwarnings('ignore', "
-      "category=optax_cdg.NoKernelsSelectedWarning), or make it an error "
-      "with 'error'.",
+      "optax_cdg.nnx_conv_kernels(model) or a dict such as "
+      "{'conv': {'w': True}} "
+      f"(OIHW: KernelSpec(output_axis=0, input_axis=1)).{hint}",
       NoKernelsSelectedWarning, stacklevel=_user_stacklevel())
 
 

@@ -126,7 +126,7 @@ class SpectrumTest(parameterized.TestCase):
       optax_cdg.channel_spectrum(w, True, normalize=1)
     with pytest.raises(TypeError, match="kernels"):
       optax_cdg.channel_spectrum({"w": w}, {"w": "yes"})
-    with pytest.raises(ValueError, match="prefix"):
+    with pytest.raises(ValueError, match="does not match the updates"):
       optax_cdg.channel_spectrum({"w": w}, {"v": True})
     with pytest.raises(ValueError, match="output axis"):
       optax_cdg.channel_spectrum(w, 4)

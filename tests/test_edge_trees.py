@@ -176,5 +176,5 @@ class DegenerateShapesTest(parameterized.TestCase):
   def test_selected_leaf_with_too_few_dimensions(self):
     tx = optax_cdg.channel_directed(kernels={"w": True})
     with pytest.raises(ValueError, match="w of shape \\(8,\\); a selected "
-                       "leaf needs at least 2 dimensions"):
+                       "array needs at least 2 dimensions"):
       tx.update({"w": jnp.ones(8)}, optax.EmptyState())

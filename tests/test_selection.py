@@ -156,7 +156,8 @@ class ResolveSpecTest(parameterized.TestCase):
        ValueError, "stacked_axes=3"),
       ("no_spatial", True, (4, 8), "spatial", ValueError, "spatial axes"),
       ("vector", True, (8,), "output", ValueError, "at least 2 dimensions"),
-      ("value", "yes", (3, 4, 8), "output", TypeError, "expected None"),
+      ("value", "yes", (3, 4, 8), "output", TypeError,
+       "kernels=.yes. is not a selection of conv kernels. Pass kernels=None"),
   )
   def test_errors(self, spec, shape, direction, error, message):
     with pytest.raises(error, match=message):
