@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import functools
 import importlib
 import os
 import re
 import sys
-import warnings
-from collections.abc import Callable, Sequence
+import types
 from typing import Any, Literal, NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,10 @@ class KernelSpec(NamedTuple):
   output_axis: int = -1
   stacked_axes: int = 0
   input_axis: int | None = None
+
+
+# The conv kernels a helper recorded: each one's path, spec and shape.
+Recorded = dict[tuple[str, ...], tuple[KernelSpec, tuple[int, ...]]]
 
 
 class NoKernelsSelectedWarning(UserWarning):
@@ -211,9 +216,7 @@ class PathSelection:
   selection serves `nnx.State`s of Variables, pure states and plain dicts.
   """
 
-  def __init__(self, specs: dict[tuple[str, ...],
-                                 tuple[KernelSpec, tuple[int, ...]]],
-               source: str):
+  def __init__(self, specs: Recorded, source: str):
     self.specs = dict(specs)
     self.source = source
 
@@ -263,7 +266,7 @@ def _import_flax(name: str, helper: str) -> Any:
         f"({e}). Install it with: pip install \"optax_cdg[flax]\"") from e
 
 
-def _record(specs: dict, names: tuple[str, ...], shape: Sequence[int],
+def _record(specs: Recorded, names: tuple[str, ...], shape: Sequence[int],
             inner: Sequence[int], transposed: bool) -> None:
   """Records a conv kernel of per-layer shape `inner`, stacked to `shape`."""
   shape, inner = tuple(shape), tuple(inner)
@@ -338,7 +341,7 @@ def linen_conv_kernels(module: Any, *example_args: Any,
     variables = jax.eval_shape(
         functools.partial(module.init, **example_kwargs),
         {"params": key, "dropout": key}, *example_args)
-  specs = {}
+  specs: Recorded = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(
       variables.get("params", {}))[0]:
     if (names := path_names(path)) in found:
@@ -387,7 +390,7 @@ def nnx_conv_kernels(model: Any) -> PathSelection:
         f"model must be a flax.nnx.Module; got {type(model).__name__}.")
   convs = tuple(getattr(nnx, t) for t in ("Conv", "ConvTranspose", "ConvLocal")
                 if hasattr(nnx, t))
-  specs = {}
+  specs: Recorded = {}
   for path, m in nnx.iter_modules(model):
     if isinstance(m, convs) and getattr(m, "kernel", None) is not None:
       _record(specs, tuple(map(str, path)) + ("kernel",), jnp.shape(m.kernel),
@@ -467,6 +470,7 @@ def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
     raise ValueError(f"kernels: stacked_axes={stacked!r} at {where} (shape "
                      f"{shape}) must be an int in 0 .. {ndim - 2}.")
   out = _axis(spec.output_axis, "output axis", where, shape)
+  inp: int | None
   if spec.input_axis is not None:
     inp = _axis(spec.input_axis, "input axis", where, shape)
   else:  # Flax layouts: the other of the last two axes.
@@ -514,7 +518,8 @@ def map_selected(fn: Callable[[jax.Array, tuple[int, ...]], Any],
   specs, treedef = jax.tree_util.tree_flatten_with_path(kernels,
                                                         is_leaf=is_spec_leaf)
   try:
-    subtrees = treedef.flatten_up_to(updates)
+    # PyTreeDef comes from jaxlib's extension, which ships no type stubs.
+    subtrees = treedef.flatten_up_to(updates)  # type: ignore[attr-defined]
   except (ValueError, TypeError) as e:
     raise ValueError(
         "kernels does not match the updates: a kernels dict needs the "
@@ -535,8 +540,8 @@ def map_selected(fn: Callable[[jax.Array, tuple[int, ...]], Any],
   out = [sub if _selects_nothing(spec) else
          jax.tree_util.tree_map_with_path(functools.partial(one, path, spec),
                                           sub, is_leaf=is_passthrough)
-         for (path, spec), sub in zip(specs, subtrees)]
-  return treedef.unflatten(out), selected
+         for (path, spec), sub in zip(specs, subtrees, strict=True)]
+  return jax.tree_util.tree_unflatten(treedef, out), selected
 
 
 def check_kernels(kernels: Any) -> None:
@@ -597,11 +602,12 @@ def _user_stacklevel() -> int:
 
   So that the warning names the user's line, not Optax's chain.
   """
-  dirs = tuple(os.path.dirname(m.__file__) + os.sep for m in (
+  dirs = tuple(os.path.dirname(path) + os.sep for m in (
       jax, optax, np, sys.modules[__package__], sys.modules.get("flax"),
-      sys.modules.get("equinox")) if m is not None)
+      sys.modules.get("equinox")) if m is not None and (path := m.__file__))
   # Frame 2 is warn_nothing_selected's caller, stacklevel 2.
-  frame, level = sys._getframe(2), 2  # pylint: disable=protected-access
+  frame: types.FrameType | None = sys._getframe(2)  # pylint: disable=protected-access
+  level = 2
   while frame is not None and frame.f_code.co_filename.startswith(dirs):
     frame, level = frame.f_back, level + 1
   return level if frame is not None else 2
