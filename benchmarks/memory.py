@@ -1,4 +1,5 @@
-"""Peak memory and time of the operator's first call, each case in a fresh process.
+"""Peak memory and time of the operator's first call, each case in a fresh
+process.
 
 Cases:
 
@@ -86,7 +87,7 @@ def main() -> None:
   args = parser.parse_args()
   if len(args.cases) % 2:
     parser.error("cases come in pairs: KIND ARG")
-  for kind, arg in zip(args.cases[::2], args.cases[1::2]):
+  for kind, arg in zip(args.cases[::2], args.cases[1::2], strict=True):
     print(json.dumps(run_case(kind, arg, args.method)), flush=True)
 
 

@@ -17,16 +17,16 @@ import statistics
 import optax
 from tqdm import tqdm
 
-import optax_cdg
-from common import SmallCNN
 from common import accuracy
 from common import create_state
 from common import load_mnist
 from common import quickstart_parser
+from common import SmallCNN
 from common import steps_per_epoch
 from common import train
 from common import train_step
 from common import variables_of
+import optax_cdg
 
 
 def compile_steps(model, runs, data, batch_size: int, quiet: bool) -> None:

@@ -34,8 +34,8 @@ def jit_update(tx, grads):
 
 
 def _namespace():
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   ns = {name: getattr(optax_cdg, name) for name in optax_cdg.__all__}
   ns.update(np=np, jnp=jnp, jax=jax, optax=optax, nn=nn, nnx=nnx,
             update=update, jit_update=jit_update,

@@ -1,7 +1,7 @@
 """Small Flax models shared by the tests."""
 
-import flax.linen as nn
 from flax import nnx
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 

@@ -61,7 +61,8 @@ class PassThroughTest(parameterized.TestCase):
     assert isinstance(out["masked"]["kernel"], optax.MaskedNode)
     np.testing.assert_allclose(
         out["conv"]["kernel"],
-        optax_cdg.metric_gradient(grads["conv"]["kernel"], 0.01, scale="unit"), atol=1e-6)
+        optax_cdg.metric_gradient(grads["conv"]["kernel"], 0.01,
+                                  scale="unit"), atol=1e-6)
 
   def test_inside_optax_masked(self):
     """optax.masked hands the transform MaskedNode leaves: they stay masked."""
@@ -75,7 +76,8 @@ class PassThroughTest(parameterized.TestCase):
       np.testing.assert_array_equal(out["b"]["kernel"], grads["b"]["kernel"])
       np.testing.assert_allclose(
           out["a"]["kernel"],
-          optax_cdg.metric_gradient(grads["a"]["kernel"], 0.01, scale="unit"), atol=1e-6)
+          optax_cdg.metric_gradient(grads["a"]["kernel"], 0.01,
+                                    scale="unit"), atol=1e-6)
 
 
 class NonFloatLeavesTest(parameterized.TestCase):

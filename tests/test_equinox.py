@@ -14,12 +14,11 @@ import optax
 import pytest
 
 import _extras
+import _reference
+from _task import toy_task
+import optax_cdg
 
 eqx = _extras.require("equinox")  # a broken equinox errors, never skips
-
-import optax_cdg  # pylint: disable=g-import-not-at-top,wrong-import-position
-import _reference  # pylint: disable=g-import-not-at-top,wrong-import-position
-from _task import toy_task  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,7 +118,7 @@ class SelectionTest(parameterized.TestCase):
     with warnings.catch_warnings():
       warnings.simplefilter("error", optax_cdg.NoKernelsSelectedWarning)
       out, _ = jax.jit(tx.update)(grads, tx.init(grads))
-    for name, (o, s, i) in EQX_MIXED_CONVS.items():
+    for name, (o, _, i) in EQX_MIXED_CONVS.items():
       g = getattr(grads, name).weight
       axes = {"output": (o,), "input": (i,),
               "spatial": tuple(range(i + 1, g.ndim))}[direction]

@@ -13,13 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-import optax_cdg
-
 import _extras
 
 # examples/ is on the path (pyproject's pythonpath), as for a script there.
 import cifar10
 import common
+import optax_cdg
 import quickstart
 import quickstart_nnx
 

@@ -8,8 +8,8 @@ import optax
 import pytest
 
 import _fresh
-import optax_cdg
 from _reference import metric_matrix
+import optax_cdg
 
 
 def _dense_lsgd(g, sigma):

@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 
 import _extras
+from examples import common
+from studies import mnist1d_evidence as m1d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "studies", "results")
-
-from examples import common
-from studies import mnist1d_evidence as m1d
 
 
 def _data(n=120, seed=0):
@@ -161,7 +160,7 @@ class TrainingTest(absltest.TestCase):
         got = m1d.train_members(model, m1d.DEFAULT, setting, data, members,
                                 evals=3, checkpoint=ckpt)
       self.assertLen(calls, 1)  # only the third chunk was trained again
-      for g, w in zip(got, want):
+      for g, w in zip(got, want, strict=True):
         g.pop("seconds"), w.pop("seconds")
         self.assertEqual(g, w)  # bit for bit
       self.assertFalse(os.path.exists(ckpt))  # removed once finished

@@ -8,10 +8,15 @@ import numpy as np
 import optax
 import pytest
 
+from _models import as_pure
+from _models import LINEN_MIXED_CONVS
+from _models import LINEN_MIXED_INPUT
+from _models import LinenCNN
+from _models import LinenMixed
+from _models import NNX_MIXED_CONVS
+from _models import NNXMixed
 import optax_cdg
 from optax_cdg import _selection
-from _models import (LINEN_MIXED_CONVS, LINEN_MIXED_INPUT, LinenCNN,
-                     LinenMixed, NNX_MIXED_CONVS, NNXMixed, as_pure)
 
 
 def _selected(spec_tree):

@@ -12,16 +12,21 @@ import numpy as np
 import optax
 import pytest
 
-import optax_cdg
+from _models import as_pure
+from _models import LINEN_MIXED_CONVS
+from _models import LINEN_MIXED_INPUT
+from _models import LinenCNN
+from _models import LinenMixed
+from _models import NNX_MIXED_CONVS
+from _models import NNXMixed
 import _reference
-from _models import (LINEN_MIXED_CONVS, LINEN_MIXED_INPUT, LinenCNN, as_pure,
-                     LinenMixed, NNX_MIXED_CONVS, NNXMixed)
 from _task import toy_task
+import optax_cdg
 
 STATIC = ("metric", "direction", "boundary", "scale", "kernels")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cnn():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 8, 8, 1)),
                   jnp.float32)
@@ -29,7 +34,7 @@ def _cnn():
   return x, variables
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mixed_params():
   return jax.eval_shape(LinenMixed().init, jax.random.key(0),
                         LINEN_MIXED_INPUT)["params"]
@@ -134,7 +139,8 @@ class UpdateTest(parameterized.TestCase):
     out, _ = tx.update(grads, optax.EmptyState())
     np.testing.assert_allclose(
         out["a"]["kernel"],
-        optax_cdg.metric_gradient(grads["a"]["kernel"], 0.01, axes=-2, scale="unit"))
+        optax_cdg.metric_gradient(grads["a"]["kernel"], 0.01, axes=-2,
+                                  scale="unit"))
     np.testing.assert_allclose(
         out["b"]["kernel"],
         optax_cdg.metric_gradient(grads["b"]["kernel"], 0.01, scale="unit"))
@@ -154,7 +160,8 @@ class UpdateTest(parameterized.TestCase):
     tx = optax_cdg.channel_directed(0.01, method=method, scale="unit")
     out, _ = jax.jit(tx.update)(grads, tx.init(grads))
     want = jax.tree.map(
-        lambda g: optax_cdg.metric_gradient(g, 0.01, method="fft", scale="unit"), grads)
+        lambda g: optax_cdg.metric_gradient(g, 0.01, method="fft",
+                                            scale="unit"), grads)
     chex.assert_trees_all_close(out, want, atol=1e-6)
 
   def test_empty_tree(self):
@@ -292,7 +299,8 @@ class ComposeTest(parameterized.TestCase):
     chex.assert_trees_all_equal_dtypes(out, grads)
     chex.assert_trees_all_equal_shapes(out, grads)
     want = optax_cdg.metric_gradient(
-        grads["Conv_1"]["kernel"].astype(jnp.float32), 0.01, scale="unit").astype(dtype)
+        grads["Conv_1"]["kernel"].astype(jnp.float32), 0.01,
+        scale="unit").astype(dtype)
     np.testing.assert_array_equal(np.asarray(out["Conv_1"]["kernel"],
                                              np.float32),
                                   np.asarray(want, np.float32))
@@ -322,7 +330,8 @@ class ComposeTest(parameterized.TestCase):
     step_taken = jax.tree.map(lambda a, b: a - b, old, new)
     for path, (axis, _) in NNX_MIXED_CONVS.items():
       gk = g[path[0]]["kernel"]
-      want = optax_cdg.metric_gradient(gk, 0.01, axes=(axis % gk.ndim,), scale="unit")
+      want = optax_cdg.metric_gradient(gk, 0.01, axes=(axis % gk.ndim,),
+                                       scale="unit")
       np.testing.assert_allclose(step_taken[path[0]]["kernel"], want,
                                  atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(step_taken["proj"]["kernel"],
@@ -548,4 +557,5 @@ class AnyLayoutTest(parameterized.TestCase):
     out, _ = optax_cdg.channel_directed(1e-2, kernels=0, scale="unit").update(
         g, optax.EmptyState())
     np.testing.assert_allclose(
-        out, optax_cdg.metric_gradient(g, 1e-2, axes=(0,), scale="unit"), rtol=1e-6)
+        out, optax_cdg.metric_gradient(g, 1e-2, axes=(0,),
+                                       scale="unit"), rtol=1e-6)

@@ -10,7 +10,8 @@ import _extras
 # with the "examples" extra, which .ci/run installs.
 _extras.require("mlxtend")
 _extras.require("tqdm")
-import data_parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+# After the skips above: it imports tqdm.
+import data_parallel  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 @pytest.mark.parametrize("mode", ["dp", "fsdp"])
