@@ -1,4 +1,5 @@
-"""Peak memory and time of the operator's first call, each case in a fresh process.
+"""Peak memory and time of the operator's first call, each case in a fresh
+process.
 
 Cases:
 
@@ -28,18 +29,12 @@ import sys
 
 _CHILD = r"""
 import json, resource, sys, time
-sys.path.insert(0, ROOT)
 import jax, jax.numpy as jnp
 import optax_cdg
 kind, arg, method = KIND, ARG, METHOD
 if kind == "lsgd-tree":
-  import importlib.util, pathlib
-  spec = importlib.util.spec_from_file_location(
-      "cdg_operator_bench", pathlib.Path(ROOT) / "benchmarks" / "operator.py")
-  bench = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = bench
-  spec.loader.exec_module(bench)
-  tree = bench.kernel_tree(bench.NETS[arg]())
+  import update_cost  # the benchmark nets' conv shapes
+  tree = update_cost.kernel_tree(update_cost.NETS[arg]())
 elif kind == "lsgd":
   shape = tuple(int(s) for s in arg.split(","))
   tree = {"k": jax.random.normal(jax.random.key(0), shape)}
@@ -68,11 +63,15 @@ print(json.dumps({"case": kind + " " + arg, "method": method,
 def run_case(kind: str, arg: str, method: str | None = None,
              timeout: float | None = None) -> dict:
   """Runs one case in a fresh Python process and returns its measurements."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  code = (_CHILD.replace("ROOT", repr(root)).replace("KIND", repr(kind))
-          .replace("ARG", repr(arg)).replace("METHOD", repr(method)))
+  here = os.path.dirname(os.path.abspath(__file__))
+  code = (_CHILD.replace("KIND", repr(kind)).replace("ARG", repr(arg))
+          .replace("METHOD", repr(method)))
+  # The package (the repository root) and this folder's update_cost module.
+  path = [os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]
   out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                       text=True, timeout=timeout, check=False)
+                       text=True, timeout=timeout, check=False,
+                       env={**os.environ,
+                            "PYTHONPATH": os.pathsep.join(filter(None, path))})
   if out.returncode:
     raise RuntimeError(f"{kind} {arg} failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -88,7 +87,7 @@ def main() -> None:
   args = parser.parse_args()
   if len(args.cases) % 2:
     parser.error("cases come in pairs: KIND ARG")
-  for kind, arg in zip(args.cases[::2], args.cases[1::2]):
+  for kind, arg in zip(args.cases[::2], args.cases[1::2], strict=True):
     print(json.dumps(run_case(kind, arg, args.method)), flush=True)
 
 

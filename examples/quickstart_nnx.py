@@ -15,14 +15,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
+from common import load_mnist
+from common import quickstart_parser
+from common import steps_per_epoch
 import optax_cdg
-from common import load_mnist, quickstart_parser, steps_per_epoch
 
 
 class CNN(nnx.Module):
@@ -33,13 +35,13 @@ class CNN(nnx.Module):
     channels = (1,) + tuple(widths)
     self.convs = nnx.List([
         nnx.Conv(a, b, (3, 3), use_bias=False, rngs=rngs)
-        for a, b in zip(channels[:-1], channels[1:])])
+        for a, b in zip(channels[:-1], channels[1:], strict=True)])
     self.norms = nnx.List([nnx.BatchNorm(b, momentum=0.9, rngs=rngs)
                            for b in channels[1:]])
     self.head = nnx.Linear(channels[-1], num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+    for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
       x = nnx.relu(norm(conv(x)))
       if i < len(self.convs) - 1:
         x = nnx.max_pool(x, (2, 2), strides=(2, 2))
@@ -109,7 +111,8 @@ def train(tx: optax.GradientTransformation, cdg: dict[str, Any] | None,
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
   parser = quickstart_parser(__doc__)
   parser.add_argument("--train-size", type=int, default=3000,
-                      help="training digits, at most 3000 (default %(default)s)")
+                      help="training digits, at most 3000 "
+                      "(default %(default)s)")
   parser.add_argument("--widths", default="16,32,64",
                       help="conv widths, comma-separated (default %(default)s)")
   parser.add_argument("--no-progress", action="store_true",

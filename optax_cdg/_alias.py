@@ -205,7 +205,8 @@ def cdg_adamw(
     >>> state = tx.init(params)
     >>> updates, state = tx.update(params, state, params)
     >>> sorted(state.hyperparams)
-    ['b1', 'b2', 'eps', 'eps_root', 'learning_rate', 'smoothing', 'weight_decay']
+    ['b1', 'b2', 'eps', 'eps_root', 'learning_rate', 'smoothing',
+     'weight_decay']
   """
   return with_channel_directed(
       optax.adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype,

@@ -1,4 +1,5 @@
-"""Diagnostics: how the energy of conv kernels spreads over channel frequencies."""
+"""Diagnostics: how the energy of conv kernels spreads over channel
+frequencies."""
 
 from __future__ import annotations
 
@@ -107,9 +108,12 @@ def channel_spectrum(
   if not isinstance(normalize, bool):
     raise TypeError(f"normalize={normalize!r} must be a bool.")
   _selection.check_kernels(kernels)
+  # Along the output channels: each selected kernel has one axis.
   out, _ = _selection.map_selected(
-      lambda x, axes: _Spectrum(_fiber_energy(x, *axes, boundary, normalize)),
+      lambda x, axes: _Spectrum(_fiber_energy(x, axes[0], boundary,
+                                              normalize)),
       tree, kernels, "output")
   return jax.tree.map(
       lambda x: x.value if isinstance(x, _Spectrum) else None, out,
-      is_leaf=lambda x: isinstance(x, _Spectrum) or _selection.is_passthrough(x))
+      is_leaf=lambda x: (isinstance(x, _Spectrum)
+                         or _selection.is_passthrough(x)))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import functools
+import importlib
 import os
 import re
 import sys
-import warnings
-from collections.abc import Callable, Sequence
+import types
 from typing import Any, Literal, NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +56,10 @@ class KernelSpec(NamedTuple):
   input_axis: int | None = None
 
 
+# The conv kernels a helper recorded: each one's path, spec and shape.
+Recorded = dict[tuple[str, ...], tuple[KernelSpec, tuple[int, ...]]]
+
+
 class NoKernelsSelectedWarning(UserWarning):
   """Issued when `channel_directed` selects no leaf of an updates tree.
 
@@ -72,8 +78,8 @@ class NoKernelsSelectedWarning(UserWarning):
     ...   try:
     ...     tx.update(grads, tx.init(grads))
     ...   except optax_cdg.NoKernelsSelectedWarning as e:
-    ...     print(str(e)[:48])
-    channel_directed selected no leaf of the updates
+    ...     print(str(e)[:34])
+    channel_directed changed nothing:
   """
 
 
@@ -98,7 +104,8 @@ def path_names(path: Sequence[Any]) -> tuple[str, ...]:
 
 
 def format_path(path: Sequence[Any]) -> str:
-  return "/".join(path_names(path)) or "<root>"
+  """A leaf's place, as `conv/kernel`; the whole tree is "the updates"."""
+  return "/".join(path_names(path)) or "the updates"
 
 
 _NOT_CONV = re.compile(
@@ -209,9 +216,7 @@ class PathSelection:
   selection serves `nnx.State`s of Variables, pure states and plain dicts.
   """
 
-  def __init__(self, specs: dict[tuple[str, ...],
-                                 tuple[KernelSpec, tuple[int, ...]]],
-               source: str):
+  def __init__(self, specs: Recorded, source: str):
     self.specs = dict(specs)
     self.source = source
 
@@ -244,14 +249,24 @@ class PathSelection:
       want = ["/".join(p) for p in list(self.specs)[:3]]
       raise ValueError(
           f"kernels: none of the {len(self.specs)} conv kernels recorded from "
-          f"the {self.source} is in the updates tree (recorded paths such as "
+          f"the {self.source} is in the updates (recorded paths such as "
           f"{want}; update paths such as {got}). Pass the parameters tree "
           "itself, as `module.init(...)['params']` or `nnx.state(model, "
           "nnx.Param)`.")
     return out
 
 
-def _record(specs: dict, names: tuple[str, ...], shape: Sequence[int],
+def _import_flax(name: str, helper: str) -> Any:
+  """Imports `name` (flax.linen or flax.nnx), or names the extra to install."""
+  try:
+    return importlib.import_module(name)
+  except ImportError as e:
+    raise ImportError(
+        f"optax_cdg.{helper} needs Flax, and {name} cannot be imported "
+        f"({e}). Install it with: pip install \"optax_cdg[flax]\"") from e
+
+
+def _record(specs: Recorded, names: tuple[str, ...], shape: Sequence[int],
             inner: Sequence[int], transposed: bool) -> None:
   """Records a conv kernel of per-layer shape `inner`, stacked to `shape`."""
   shape, inner = tuple(shape), tuple(inner)
@@ -304,7 +319,7 @@ def linen_conv_kernels(module: Any, *example_args: Any,
     >>> kernels(params["params"])["Conv_0"]["kernel"]
     KernelSpec(output_axis=-1, stacked_axes=0, input_axis=None)
   """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  nn = _import_flax("flax.linen", "linen_conv_kernels")
   if not isinstance(module, nn.Module):
     raise TypeError(
         f"module must be a flax.linen.Module; got {type(module).__name__}.")
@@ -326,7 +341,7 @@ def linen_conv_kernels(module: Any, *example_args: Any,
     variables = jax.eval_shape(
         functools.partial(module.init, **example_kwargs),
         {"params": key, "dropout": key}, *example_args)
-  specs = {}
+  specs: Recorded = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(
       variables.get("params", {}))[0]:
     if (names := path_names(path)) in found:
@@ -369,13 +384,13 @@ def nnx_conv_kernels(model: Any) -> PathSelection:
     ...                  optax.adam(1e-3))
     >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+  nnx = _import_flax("flax.nnx", "nnx_conv_kernels")
   if not isinstance(model, nnx.Module):
     raise TypeError(
         f"model must be a flax.nnx.Module; got {type(model).__name__}.")
   convs = tuple(getattr(nnx, t) for t in ("Conv", "ConvTranspose", "ConvLocal")
                 if hasattr(nnx, t))
-  specs = {}
+  specs: Recorded = {}
   for path, m in nnx.iter_modules(model):
     if isinstance(m, convs) and getattr(m, "kernel", None) is not None:
       _record(specs, tuple(map(str, path)) + ("kernel",), jnp.shape(m.kernel),
@@ -383,18 +398,29 @@ def nnx_conv_kernels(model: Any) -> PathSelection:
   return PathSelection(specs, f"nnx model {type(model).__name__}")
 
 
-def _spec_error(spec: Any, where: str) -> TypeError:
-  """The error for a value of a `kernels` tree that is not a spec."""
+def _spec_error(spec: Any, path: Sequence[Any]) -> TypeError:
+  """The error for a value of a `kernels` argument that selects nothing."""
   what, hint = repr(spec), ""
+  if len(what) > 60:
+    what = f"a {type(spec).__name__}"
   if hasattr(spec, "shape") and hasattr(spec, "dtype"):
     what = f"an array of shape {tuple(spec.shape)} and dtype {spec.dtype}"
     hint = (f" {STATIC_ARGS_HINT}" if np.ndim(spec) == 0 else  # a step count
-            " It looks like a parameter or gradient array: pass a selection,"
-            " such as optax_cdg.conv_kernels(params), or leave kernels=None.")
+            " It looks like the parameters or gradients themselves: pass "
+            "a selection of them, such as optax_cdg.conv_kernels(params).")
+  if not path:
+    return TypeError(
+        f"kernels={what} is not a selection of conv kernels. Pass "
+        "kernels=None to guess them from the parameters' names and shapes, "
+        "a model's exact selection (optax_cdg.linen_conv_kernels(module, x) "
+        "or optax_cdg.nnx_conv_kernels(model)), or a dict shaped like the "
+        "parameters with True, False, an output axis (int) or an "
+        f"optax_cdg.KernelSpec for each kernel.{hint}")
   return TypeError(
-      f"kernels: the value at {where} is {what}; expected None, False, True, "
-      "an output axis (int) or an optax_cdg.KernelSpec (or pass a callable "
-      f"or None).{hint}")
+      f"kernels gives {what} for {format_path(path)}: each value of a "
+      "kernels dict is True, False, None, an output axis (int) or an "
+      "optax_cdg.KernelSpec. Or pass kernels=None to guess the conv kernels "
+      f"from the parameters' names and shapes.{hint}")
 
 
 def _axis(value: Any, name: str, where: str, shape: tuple[int, ...]) -> int:
@@ -424,7 +450,7 @@ def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
   elif isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
     spec = KernelSpec(output_axis=int(spec))
   elif not isinstance(spec, KernelSpec):
-    raise _spec_error(spec, where)
+    raise _spec_error(spec, path)
   if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype,
                                                       jnp.floating):
     what = (f"has dtype {leaf.dtype}" if hasattr(leaf, "dtype") else
@@ -435,8 +461,8 @@ def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
   ndim = len(shape)
   if ndim < 2:
     raise ValueError(
-        f"kernels selects {where} of shape {shape}; a selected leaf needs at "
-        "least 2 dimensions (input and output channels).")
+        f"kernels selects {where} of shape {shape}; a selected array needs "
+        "at least 2 dimensions (input and output channels).")
   stacked = spec.stacked_axes
   stacked = int(stacked) if isinstance(stacked, np.integer) else stacked
   if isinstance(stacked, bool) or not isinstance(stacked, int) or not (
@@ -444,6 +470,7 @@ def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
     raise ValueError(f"kernels: stacked_axes={stacked!r} at {where} (shape "
                      f"{shape}) must be an int in 0 .. {ndim - 2}.")
   out = _axis(spec.output_axis, "output axis", where, shape)
+  inp: int | None
   if spec.input_axis is not None:
     inp = _axis(spec.input_axis, "input axis", where, shape)
   else:  # Flax layouts: the other of the last two axes.
@@ -462,8 +489,8 @@ def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
   if inp is None:
     raise ValueError(
         f"direction={direction!r} needs the input-channel axis, but the "
-        f"spec at {where} (shape {shape}) names output_axis={out}, not one of "
-        "the last two axes, and no input_axis: pass "
+        f"kernels value at {where} (shape {shape}) names output_axis={out}, "
+        "not one of the last two axes, and no input_axis: pass "
         f"KernelSpec(output_axis={out}, input_axis=...), for OIHW kernels "
         f"input_axis={out + 1}.")
   if direction == "input":
@@ -491,12 +518,14 @@ def map_selected(fn: Callable[[jax.Array, tuple[int, ...]], Any],
   specs, treedef = jax.tree_util.tree_flatten_with_path(kernels,
                                                         is_leaf=is_spec_leaf)
   try:
-    subtrees = treedef.flatten_up_to(updates)
+    # PyTreeDef comes from jaxlib's extension, which ships no type stubs.
+    subtrees = treedef.flatten_up_to(updates)  # type: ignore[attr-defined]
   except (ValueError, TypeError) as e:
     raise ValueError(
-        "kernels: the spec tree must be a prefix of the updates tree (same "
-        "containers and keys, with None/False/True/axis values at or above "
-        f"the leaves); they differ: {e}") from e
+        "kernels does not match the updates: a kernels dict needs the "
+        "parameters' keys and nesting (a True, False or KernelSpec value may "
+        "stand for a whole sub-dict). Or pass kernels=None to guess the conv "
+        f"kernels. They differ: {e}") from e
   selected = False
 
   def one(path, spec, p, x):
@@ -511,8 +540,8 @@ def map_selected(fn: Callable[[jax.Array, tuple[int, ...]], Any],
   out = [sub if _selects_nothing(spec) else
          jax.tree_util.tree_map_with_path(functools.partial(one, path, spec),
                                           sub, is_leaf=is_passthrough)
-         for (path, spec), sub in zip(specs, subtrees)]
-  return treedef.unflatten(out), selected
+         for (path, spec), sub in zip(specs, subtrees, strict=True)]
+  return jax.tree_util.tree_unflatten(treedef, out), selected
 
 
 def check_kernels(kernels: Any) -> None:
@@ -538,7 +567,7 @@ def check_kernels(kernels: Any) -> None:
   for path, spec in jax.tree_util.tree_flatten_with_path(
       kernels, is_leaf=is_spec_leaf)[0]:
     if not is_spec_leaf(spec):
-      raise _spec_error(spec, format_path(path))
+      raise _spec_error(spec, path)
 
 
 def warn_nothing_selected(updates: Any, kernels: Any) -> None:
@@ -547,26 +576,24 @@ def warn_nothing_selected(updates: Any, kernels: Any) -> None:
       updates, is_leaf=is_passthrough)[0] if hasattr(x, "shape")]
   if not arrays:  # nothing that could have been transformed
     return
-  seen = ", ".join(f"{format_path(p)} {tuple(x.shape)}" for p, x in arrays[:4])
-  more = f" and {len(arrays) - 4} more" if len(arrays) > 4 else ""
-  what = ("kernels=None (the optax_cdg.conv_kernels guess)" if kernels is None
-          else f"kernels={kernels!r} (called on the updates)"
-          if callable(kernels) else "the kernels tree")
+  seen = ", ".join(f"{format_path(p)} {tuple(x.shape)}" for p, x in arrays[:2])
+  more = f", +{len(arrays) - 2}" if len(arrays) > 2 else ""
+  if kernels is None:
+    what = "kernels=None (the guess)"
+  elif callable(kernels):
+    name = getattr(kernels, "__name__", type(kernels).__name__)
+    what = f"kernels={name}"
+  else:
+    what = "the kernels dict"
+  hint = (" Through optax.inject_hyperparams it needs "
+          "static_args=(\"kernels\",)." if callable(kernels) else "")
   warnings.warn(
-      "channel_directed selected no leaf of the updates, so it returns them "
-      f"unchanged: {what} selected none of its {len(arrays)} arrays "
-      f"({seen}{more}). kernels=None finds Flax conv kernels (leaves named "
-      "'kernel' with 3 or more dimensions) and the weights of Equinox "
-      "Conv/ConvTranspose modules. Otherwise pass "
+      f"channel_directed changed nothing: {what} selected none of the "
+      f"{len(arrays)} arrays ({seen}{more}). Pass "
       "kernels=optax_cdg.linen_conv_kernels(module, x), "
-      "optax_cdg.nnx_conv_kernels(model), or an explicit spec tree such as "
-      "{'conv': {'w': True}} (Haiku, HWIO) or "
-      "{'conv': optax_cdg.KernelSpec(output_axis=0, input_axis=1)} (OIHW). "
-      "A callable kernels given to optax.inject_hyperparams needs "
-      "static_args=(\"kernels\",). Silence this warning with "
-      "warnings.filterwarnings('ignore', "
-      "category=optax_cdg.NoKernelsSelectedWarning), or make it an error "
-      "with 'error'.",
+      "optax_cdg.nnx_conv_kernels(model) or a dict such as "
+      "{'conv': {'w': True}} "
+      f"(OIHW: KernelSpec(output_axis=0, input_axis=1)).{hint}",
       NoKernelsSelectedWarning, stacklevel=_user_stacklevel())
 
 
@@ -575,11 +602,12 @@ def _user_stacklevel() -> int:
 
   So that the warning names the user's line, not Optax's chain.
   """
-  dirs = tuple(os.path.dirname(m.__file__) + os.sep for m in (
+  dirs = tuple(os.path.dirname(path) + os.sep for m in (
       jax, optax, np, sys.modules[__package__], sys.modules.get("flax"),
-      sys.modules.get("equinox")) if m is not None)
+      sys.modules.get("equinox")) if m is not None and (path := m.__file__))
   # Frame 2 is warn_nothing_selected's caller, stacklevel 2.
-  frame, level = sys._getframe(2), 2  # pylint: disable=protected-access
+  frame: types.FrameType | None = sys._getframe(2)  # pylint: disable=protected-access
+  level = 2
   while frame is not None and frame.f_code.co_filename.startswith(dirs):
     frame, level = frame.f_back, level + 1
   return level if frame is not None else 2

@@ -46,29 +46,30 @@ Phases (the full mode runs them in this order, decisive comparisons first):
   resnet     the 1-D ResNet at widths 32/64/128: the baseline, the former
              default and the default the rule chose on the CNN.
 
-  python studies/mnist1d_evidence.py --quick --out /tmp/m1d          # < 15 min
-  python studies/mnist1d_evidence.py --out /work/sweeps/mnist1d      # full, hours
-  python studies/mnist1d_evidence.py --report-only --out /work/sweeps/mnist1d \\
+  python -m studies.mnist1d_evidence --quick --out /tmp/m1d          # < 15 min
+  python -m studies.mnist1d_evidence --out /work/sweeps/mnist1d  # full, hours
+  python -m studies.mnist1d_evidence --report-only --out /work/sweeps/mnist1d \\
       --results studies/results/mnist1d                       # report now
 
 The committed report: results.md and the plots again from results.json alone
 (--from-results), or everything again from the packed run cache:
 
-  python studies/mnist1d_evidence.py --from-results \\
+  python -m studies.mnist1d_evidence --from-results \\
       --results studies/results/mnist1d
-  python studies/mnist1d_evidence.py --report-only --out studies/results/mnist1d
+  python -m studies.mnist1d_evidence --report-only --out studies/results/mnist1d
 
 Widths 256 and 512 (a GPU host without network): make the arrays on a CPU
 host, then run the decisive phase from the file:
 
-  python studies/mnist1d_evidence.py --make-data mnist1d_arrays.npz
-  python studies/mnist1d_evidence.py --data mnist1d_arrays.npz --out DIR \\
+  python -m studies.mnist1d_evidence --make-data mnist1d_arrays.npz
+  python -m studies.mnist1d_evidence --data mnist1d_arrays.npz --out DIR \\
       --phases decisive --widths 256,512 --optimizers adamw
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import dataclasses
 import json
 import math
@@ -77,7 +78,6 @@ import platform
 import sys
 import tarfile
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -86,16 +86,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# The models and training loop shared with the examples, and reproduce.py's
+# optimizers and statistics.
+from examples import common
 import optax_cdg
-
-_STUDIES = os.path.dirname(os.path.abspath(__file__))
-# reproduce.py sits beside this script; common.py, the models and training
-# loop shared with the examples, in examples/.
-sys.path[:0] = [_STUDIES, os.path.join(os.path.dirname(_STUDIES), "examples")]
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from reproduce import _optimizer as reproduce_optimizer  # pylint: disable=g-import-not-at-top,wrong-import-position
-from reproduce import mean_ci95  # pylint: disable=g-import-not-at-top,wrong-import-position
-from reproduce import select_lr  # pylint: disable=g-import-not-at-top,wrong-import-position
+from studies.reproduce import mean_ci95
+from studies.reproduce import optimizer_chain
+from studies.reproduce import select_lr
 
 # ----------------------------------------------------------------------- data
 
@@ -103,7 +100,8 @@ VAL_SEED, TEST_SEED = 1, 2
 
 
 def _generate(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  from mnist1d.data import get_dataset_args, make_dataset  # pylint: disable=g-import-not-at-top
+  from mnist1d.data import get_dataset_args  # pylint: disable=g-import-not-at-top
+  from mnist1d.data import make_dataset  # pylint: disable=g-import-not-at-top
   args = get_dataset_args()
   args.num_samples, args.seed, args.train_split = num_samples, seed, 1.0
   d = make_dataset(args)
@@ -258,7 +256,7 @@ class Method:
   direction: str = "output"
 
   @classmethod
-  def parse(cls, spec: str) -> "Method":
+  def parse(cls, spec: str) -> Method:
     """"baseline", "lsgd:SIGMA" or "METRIC:SCALE:LAM[:DIRECTION]"."""
     parts = spec.split(":")
     try:
@@ -321,7 +319,7 @@ def _optimizer(name: str, learning_rate, total_steps: int) -> list[Any]:
   if name == "adam_constant":  # the issue's reported check: no schedule
     return [optax.scale_by_adam(),
             optax.scale_by_learning_rate(learning_rate)]
-  return reproduce_optimizer(name, learning_rate, total_steps)
+  return optimizer_chain(name, learning_rate, total_steps)
 
 
 def make_tx(method: Method, optimizer: str,
@@ -467,9 +465,9 @@ def train_members(model: nn.Module, method: Method, setting: Setting,
       (params, opt_state), losses, val_curve, spent = state
   start = time.perf_counter() - spent
   for k in range(len(losses), evals):
-    params, opt_state, l = chunk(params, opt_state, x_tr, y_tr,
-                                 jnp.asarray(idx[bounds[k]:bounds[k + 1]]))
-    losses.append(np.asarray(l))
+    params, opt_state, loss = chunk(params, opt_state, x_tr, y_tr,
+                                    jnp.asarray(idx[bounds[k]:bounds[k + 1]]))
+    losses.append(np.asarray(loss))
     val_curve.append(np.asarray(acc(params, data["val"].x, data["val"].y)))
     if checkpoint and k + 1 < evals:
       _save_checkpoint(checkpoint, key, bounds, (params, opt_state), losses,
@@ -523,7 +521,7 @@ def _load_checkpoint(path, key, bounds, like):
     if (f["members"].shape != key.shape or np.any(f["members"] != key)
         or not np.array_equal(f["bounds"], bounds)
         or any(s is None or s.shape != a.shape or s.dtype != a.dtype
-               for s, a in zip(saved, leaves))):
+               for s, a in zip(saved, leaves, strict=True))):
       return None
     done = len(f["val_curve"])
     losses = np.split(f["losses"], np.cumsum(np.diff(bounds[:done + 1]))[:-1])
@@ -773,6 +771,26 @@ def _mean_share(w) -> float:
   return float(w.shape[-1] * np.sum(np.mean(w, -1) ** 2) / max(total, 1e-30))
 
 
+def _logged_step(model, tx: optax.GradientTransformation,
+                 cdg: optax.GradientTransformation | None):
+  """A jitted step that also returns the gradient (after `cdg`, when given)
+  and the update, for the mechanism's log."""
+
+  def loss_fn(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, x), y).mean()
+
+  @jax.jit
+  def step(p, s, x, y):
+    loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+    u, s = tx.update(g, s, p)
+    if cdg is not None:
+      g = cdg.update(g, cdg.init(g))[0]
+    return optax.apply_updates(p, u), s, loss, g, u
+
+  return step
+
+
 def mechanism(data, methods: Sequence[Method], *, width: int = 128,
               optimizer: str = "adam", lr: float = 1e-2, steps: int = 300,
               every: int = 25, seed: int = 0) -> dict:
@@ -806,19 +824,7 @@ def mechanism(data, methods: Sequence[Method], *, width: int = 128,
     cdg = (optax_cdg.channel_directed(
         method.smoothing, metric=method.metric, scale=method.scale,
         direction=method.direction) if method.transform == "cdg" else None)
-
-    def loss_fn(p, x, y):
-      return optax.softmax_cross_entropy_with_integer_labels(
-          model.apply({"params": p}, x), y).mean()
-
-    @jax.jit
-    def step(p, s, x, y):
-      loss, g = jax.value_and_grad(loss_fn)(p, x, y)
-      u, s = tx.update(g, s, p)
-      if cdg is not None:
-        g = cdg.update(g, cdg.init(g))[0]
-      return optax.apply_updates(p, u), s, loss, g, u
-
+    step = _logged_step(model, tx, cdg)
     log = []
     for t in range(steps):
       x = data["train"].x[idx[t]]
@@ -976,18 +982,19 @@ def comparison_table(index: dict, setting: Setting, methods: Sequence[Method],
     row["val_acc_mean"] = float(np.mean(val))
     for key in ("delta", "val_delta"):
       row[f"{key}_mean"] = row[f"{key}_ci95"] = row[f"{key}_per_seed"] = None
-    row["collapsed_seeds"] = [s for s, v in zip(seeds, val) if v < TRAINS_AT]
+    row["collapsed_seeds"] = [s for s, v in zip(seeds, val,
+                                                strict=True) if v < TRAINS_AT]
     row["delta_both_train_mean"] = row["delta_both_train_ci95"] = None
     row["both_train_seeds"] = None
     if m != base and base in chosen:
       brec = [by["baseline"][(chosen[base], s)] for s in seeds]
       for key, field in (("delta", "test_acc"), ("val_delta", "val_acc")):
-        d = [a[field] - b[field] for a, b in zip(rec, brec)]
+        d = [a[field] - b[field] for a, b in zip(rec, brec, strict=False)]
         row[f"{key}_per_seed"] = d
         row[f"{key}_mean"], row[f"{key}_ci95"] = mean_ci95(d)
       # A collapsed seed (chance accuracy) dominates a paired mean: report
       # the delta over the seeds where both train as well.
-      both = [(a, b) for a, b in zip(rec, brec)
+      both = [(a, b) for a, b in zip(rec, brec, strict=False)
               if min(a["val_acc"], b["val_acc"]) >= TRAINS_AT]
       row["both_train_seeds"] = len(both)
       if len(both) > 1:
@@ -1232,7 +1239,7 @@ def plot_width(results: dict, path: str, candidates: Sequence[str]) -> None:
   widths = sorted({t["setting"]["width"] for t in _width_tables(results)})
   fig, axes = plt.subplots(1, max(1, len(by_opt)), squeeze=False,
                            figsize=(5 * max(1, len(by_opt)), 3.6))
-  for ax, (opt, series) in zip(axes[0], by_opt.items()):
+  for ax, (opt, series) in zip(axes[0], by_opt.items(), strict=False):
     for name, pts in series.items():
       if pts:
         shift, color, marker, ls = _WIDTH_STYLE[name]
@@ -1241,7 +1248,7 @@ def plot_width(results: dict, path: str, candidates: Sequence[str]) -> None:
                     yerr=[100 * (p[1]["delta_ci95"] or 0) for p in pts],
                     marker=marker, capsize=3, label=name, ls=ls, color=color)
         if name == _BEST:
-          for xi, p in zip(x, pts):
+          for xi, p in zip(x, pts, strict=True):
             ax.annotate(p[1]["method"], (xi, 100 * p[1]["delta_mean"]),
                         fontsize=6, xytext=(4, 4),
                         textcoords="offset points")
@@ -1274,9 +1281,9 @@ def plot_mechanism(mech: dict, path: str) -> None:
                  color=f"C{k}")
     axes[3].plot(steps, [np.mean(e["dead_channels"]) for e in log],
                  color=f"C{k}")
-  for ax, title in zip(axes, (
-      "training loss", "layer 2: update energy in channel mean",
-      "layer 2: kernel energy in channel mean", "dead ReLU channels")):
+  titles = ("training loss", "layer 2: update energy in channel mean",
+            "layer 2: kernel energy in channel mean", "dead ReLU channels")
+  for ax, title in zip(axes, titles, strict=True):
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("step")
   axes[0].legend(fontsize=6)

@@ -20,22 +20,23 @@ the seeds, and the mean paired difference to the baseline (each at its own
 chosen learning rate) with its 95% t-interval. The "best" CDG setting is
 chosen on validation accuracy, never on test.
 
-  python studies/reproduce.py --quick --out results_quick
-  python studies/reproduce.py --out results_full      # the full mode
+  python -m studies.reproduce --quick --out results_quick
+  python -m studies.reproduce --out results_full      # the full mode
 
 Writes DIR/results.json, DIR/results.md and PNG plots to DIR, and every
 finished run to DIR/runs/. With --resume, runs found there are reused: an
 interrupted invocation continues where it stopped, and optimizers run in
 separate processes merge into one report:
 
-  python studies/reproduce.py --optimizers sgd --out D &
-  python studies/reproduce.py --optimizers adamw --out D
-  wait; python studies/reproduce.py --resume --out D
+  python -m studies.reproduce --optimizers sgd --out D &
+  python -m studies.reproduce --optimizers adamw --out D
+  wait; python -m studies.reproduce --resume --out D
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import dataclasses
 import json
 import math
@@ -43,7 +44,6 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -51,12 +51,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+# The models and training loop shared with the examples.
+from examples import common
 import optax_cdg
-
-# common.py, the models and training loop shared with the examples.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "examples"))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SGD_WEIGHT_DECAY = 5e-4
 ADAMW_WEIGHT_DECAY = 1e-2
@@ -140,7 +137,9 @@ def methods_for(mode: Mode) -> list[Method]:
   return out
 
 
-def _optimizer(name: str, learning_rate, total_steps: int) -> list[Any]:
+def optimizer_chain(name: str, learning_rate,
+                    total_steps: int) -> list[Any]:
+  """The transforms of the study's "sgd" or "adamw", after CDG or LSGD."""
   cosine = optax.scale_by_schedule(
       optax.cosine_decay_schedule(1.0, total_steps))
   if name == "sgd":
@@ -161,7 +160,7 @@ def make_tx(method: Method, total_steps: int,
   opt = method.optimizer
   if method.transform == "baseline":
     def factory(learning_rate):
-      return optax.chain(*_optimizer(opt, learning_rate, total_steps))
+      return optax.chain(*optimizer_chain(opt, learning_rate, total_steps))
     return optax.inject_hyperparams(factory)(learning_rate=1.0)
   if method.transform == "cdg":
     metric, direction = method.metric, method.direction
@@ -172,11 +171,11 @@ def make_tx(method: Method, total_steps: int,
           optax_cdg.channel_directed(smoothing, metric=metric,
                                      direction=direction, scale="unit",
                                      kernels=kernels),
-          *_optimizer(opt, learning_rate, total_steps))
+          *optimizer_chain(opt, learning_rate, total_steps))
   elif method.transform == "lsgd":
     def factory(learning_rate, smoothing):
       return optax.chain(optax_cdg.laplacian_smoothing(smoothing),
-                         *_optimizer(opt, learning_rate, total_steps))
+                         *optimizer_chain(opt, learning_rate, total_steps))
   else:
     raise ValueError(f"transform={method.transform!r}")
   return optax.inject_hyperparams(factory)(learning_rate=1.0, smoothing=1.0)
@@ -231,7 +230,7 @@ def summarize(methods: Sequence[Method], runs: dict, lr_grid: dict,
       deltas = None
     else:
       base_test = [runs[base][chosen[base]][s].test_acc for s in seeds]
-      deltas = [a - b for a, b in zip(test, base_test)]
+      deltas = [a - b for a, b in zip(test, base_test, strict=True)]
       row["delta_vs_baseline_mean"], row["delta_vs_baseline_ci95"] = (
           mean_ci95(deltas))
     grid = list(lr_grid[m.optimizer])
@@ -321,7 +320,7 @@ def plot_ablation(rows, optimizers, mode, path):
                                     3.8))
   colors = {"output": "C0", "input": "C1", "spatial": "C2", "lsgd": "C3",
             "baseline": "0.4"}
-  for ax, opt in zip(axes[0], optimizers):
+  for ax, opt in zip(axes[0], optimizers, strict=True):
     bars = []  # (x, row, color)
     x = 0.0
     base = _find(rows, optimizer=opt, transform="baseline")
@@ -406,7 +405,7 @@ def kernel_spectra(model, data, variables_per_seed, seeds, kernels):
   out = {}
   for which in ("trained", "change"):
     acc = None
-    for seed, v in zip(seeds, variables_per_seed):
+    for seed, v in zip(seeds, variables_per_seed, strict=True):
       params = v["params"]
       if which == "change":
         init = common.init_variables(model, data["train"].x, seed)["params"]
@@ -437,13 +436,13 @@ def plot_spectra(spectra, optimizers, path, max_layers=6):
       for j, name in enumerate(names):
         ax = axes[2 * i + r, j]
         for (label, spec), color in zip(spectra[opt].items(),
-                                        ("k", "C0", "C1")):
+                                        ("k", "C0", "C1"), strict=False):
           e = spec[which][name]
           ax.semilogy(np.arange(len(e)), np.maximum(e, 1e-12), "o-",
                       ms=3, color=color, label=label)
         n_out = 2 * (len(e) - 1)
-        ax.set_title(f"{opt}: {name} ({'W_T - W_0' if which == 'change' else 'W_T'})",
-                     fontsize=8)
+        what = "W_T - W_0" if which == "change" else "W_T"
+        ax.set_title(f"{opt}: {name} ({what})", fontsize=8)
         ax.set_xlabel(f"output-channel frequency k (N ~ {n_out})", fontsize=8)
         if j == 0:
           ax.set_ylabel("energy share (normalized)", fontsize=8)
@@ -477,10 +476,11 @@ def markdown_table(rows) -> str:
            "|---|---|---|---|---|---|"]
   for r in rows:
     edge = " (edge)" if r["learning_rate_at_grid_edge"] else ""
+    delta = _pm(r["delta_vs_baseline_mean"], r["delta_vs_baseline_ci95"],
+                signed=True)
     lines.append(
         f"| {r['optimizer']} | {_row_label(r)} | {r['learning_rate']:g}{edge}"
-        f" | {_pm(r['test_acc_mean'], r['test_acc_ci95'])}"
-        f" | {_pm(r['delta_vs_baseline_mean'], r['delta_vs_baseline_ci95'], signed=True)}"
+        f" | {_pm(r['test_acc_mean'], r['test_acc_ci95'])} | {delta}"
         f" | {r['val_acc_mean'] * 100:.2f} |")
   return "\n".join(lines)
 

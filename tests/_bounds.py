@@ -28,8 +28,8 @@ C = 4 leaves a margin of 5x or more, while a wrong gain, axis or boundary
 misses the bound by orders of magnitude.
 """
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 import optax_cdg
 

@@ -34,8 +34,8 @@ def jit_update(tx, grads):
 
 
 def _namespace():
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   ns = {name: getattr(optax_cdg, name) for name in optax_cdg.__all__}
   ns.update(np=np, jnp=jnp, jax=jax, optax=optax, nn=nn, nnx=nnx,
             update=update, jit_update=jit_update,
@@ -60,6 +60,7 @@ ROWS = (
     ("channel_directed", "channel_directed(True)", None),
     ("channel_directed", "channel_directed(np.ones(3))", None),
     ("channel_directed", "channel_directed(None)", None),
+    ("channel_directed", 'channel_directed(kernels="conv")', None),
     ("channel_directed", 'channel_directed(kernels={"conv": "yes"})', None),
     ("channel_directed",
      "update(channel_directed(lambda n: -1.0 + 0 * n), g)", None),
@@ -74,7 +75,7 @@ ROWS = (
      "s = tx.init(g); s.hyperparams['smoothing'] = jnp.asarray(-1.0); "
      "jax.jit(tx.update)(g, s)[0]['conv']['kernel'][0, 0, 0, 0]", None),
     ("kernels", 'update(channel_directed(kernels={"a": True}), {"b": k})',
-     "they differ: "),
+     "They differ: "),
     ("kernels",
      'update(channel_directed(kernels={"k": True}), '
      '{"k": jnp.ones((3, 3, 2, 8), jnp.int32)})', None),

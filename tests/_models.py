@@ -1,10 +1,9 @@
 """Small Flax models shared by the tests."""
 
-import flax.linen as nn
 from flax import nnx
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 class LinenCNN(nn.Module):
@@ -117,17 +116,6 @@ NNX_MIXED_CONVS = {
     ("up", "kernel"): (-1, 0),
     ("stack", "kernel"): (-1, 1),
 }
-
-
-def toy_task(seed=0, n=64):
-  """Images whose class is the position of a bright 3x3 patch."""
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, 4, n)
-  x = rng.normal(0, 0.3, (n, 8, 8, 1)).astype(np.float32)
-  for i, c in enumerate(labels):
-    r, col = divmod(int(c), 2)
-    x[i, 4 * r:4 * r + 3, 4 * col:4 * col + 3, 0] += 1.5
-  return jnp.asarray(x), jnp.asarray(labels)
 
 
 def as_pure(state):

@@ -1,4 +1,5 @@
-"""Tests of the argument checks (optax_cdg/_checks.py) through the public API."""
+"""Tests of the argument checks (optax_cdg/_checks.py), through the public
+API."""
 
 from absl.testing import parameterized
 import jax
@@ -35,7 +36,8 @@ class OptionHintTest(parameterized.TestCase):
   def test_direction_and_every_entry_point(self):
     for call in (lambda: optax_cdg.channel_directed(direction="Output"),
                  lambda: optax_cdg.channel_directed(metric="Sobolev"),
-                 lambda: optax_cdg.spectral_gain(8, 0.1, metric="H1", scale="unit"),
+                 lambda: optax_cdg.spectral_gain(8, 0.1, metric="H1",
+                                                 scale="unit"),
                  lambda: optax_cdg.channel_spectrum({}, boundary="Periodic"),
                  lambda: optax_cdg.laplacian_smoothing(method="Blocked")):
       with pytest.raises(ValueError, match="Did you mean '[a-z_]+'\\?$"):
@@ -44,7 +46,8 @@ class OptionHintTest(parameterized.TestCase):
   @parameterized.parameters("qr", "xyz", None, 3)
   def test_no_hint_when_nothing_is_close(self, value):
     with pytest.raises(ValueError) as info:
-      optax_cdg.metric_gradient(jnp.ones((2, 8)), 0.1, method=value, scale="unit")
+      optax_cdg.metric_gradient(jnp.ones((2, 8)), 0.1, method=value,
+                                scale="unit")
     assert "Did you mean" not in str(info.value)
     assert f"method={value!r} is not supported" in str(info.value)
 
@@ -95,7 +98,8 @@ class ComplexSmoothingTest(parameterized.TestCase):
     x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 16)),
                     jnp.float32)
     lam = 0.02 if metric != "reweighted" else 3.0
-    f = jax.jit(lambda g, s: optax_cdg.metric_gradient(g, s, metric=metric, scale="unit"))
+    f = jax.jit(lambda g, s: optax_cdg.metric_gradient(g, s, metric=metric,
+                                                       scale="unit"))
     np.testing.assert_allclose(f(x, jnp.complex64(lam)),
                                f(x, jnp.float32(lam)), rtol=0, atol=0)
     # A non-zero imaginary part cannot raise under a trace: loud NaN.

@@ -13,10 +13,11 @@ repeated here: `optax.masked`, `optax.partition`, `optax.MultiSteps` and
 (test_training_with_filter_value_and_grad_and_adam).
 """
 
+from collections.abc import Callable
 import dataclasses
 import functools
 import re
-from typing import Any, Callable
+from typing import Any
 
 from flax import nnx
 from flax.training import dynamic_scale
@@ -29,8 +30,10 @@ import optax
 import pytest
 
 import _extras
+from _models import as_pure
+from _models import LinenCNN
+from _task import toy_task
 import optax_cdg
-from _models import LinenCNN, as_pure, toy_task
 
 eqx = _extras.require("equinox")
 
@@ -82,7 +85,7 @@ def _fill(abstract, seed=0):
   return jax.tree.map(one, abstract)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _linen_variables():
   return _fill(jax.eval_shape(LinenCNN().init, jax.random.key(0), X))
 
@@ -110,7 +113,7 @@ def assert_only_selected_differ(initial, plain, cdg, selected=_is_conv_kernel):
   hits = []
   for (path, a), b, start in zip(jax.tree_util.tree_flatten_with_path(cdg)[0],
                                  jax.tree.leaves(plain),
-                                 jax.tree.leaves(initial)):
+                                 jax.tree.leaves(initial), strict=True):
     name = jax.tree_util.keystr(path)
     if selected(name):
       hits.append(name)
@@ -159,8 +162,8 @@ def _linen_dynamic_scale(cdg):
     scale, is_finite, (_, stats), grads = state.dynamic_scale.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     new = state.apply_gradients(grads=grads)
-    keep = lambda a, b: jax.tree.map(
-        lambda x, y: jnp.where(is_finite, x, y), a, b)
+    def keep(a, b):
+      return jax.tree.map(lambda x, y: jnp.where(is_finite, x, y), a, b)
     return new.replace(
         params=keep(new.params, state.params),
         opt_state=keep(new.opt_state, state.opt_state),
@@ -168,7 +171,8 @@ def _linen_dynamic_scale(cdg):
                                  state.batch_stats),
         dynamic_scale=scale)
 
-  view = lambda s: (s.step, s.params, s.batch_stats, s.dynamic_scale)
+  def view(s):
+    return (s.step, s.params, s.batch_stats, s.dynamic_scale)
   initial, states = view(state), []
   for _ in range(STEPS):
     state = step(state)
@@ -192,7 +196,7 @@ class NNXNet(nnx.Module):
     return self.head(jnp.mean(h, axis=(1, 2)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nnx_model():
   # Cloned by each run, which mutates it. "rbg" keys: threefry's dropout
   # mask alone costs 2 s of compile on CPU.
@@ -215,7 +219,8 @@ def _nnx_optimizer(cdg):
     optimizer.update(model, grads)
 
   # Params, batch statistics, dropout RNG state: all must match.
-  view = lambda: as_pure(nnx.state(model))
+  def view():
+    return as_pure(nnx.state(model))
   initial, states = view(), []
   for _ in range(STEPS):
     step(model, optimizer)
@@ -257,7 +262,8 @@ def _equinox(cdg):
                                    eqx.filter(model, eqx.is_array))
     return eqx.apply_updates(model, updates), opt_state
 
-  view = lambda: eqx.filter(model, eqx.is_array)
+  def view():
+    return eqx.filter(model, eqx.is_array)
   initial, states = view(), []
   for _ in range(STEPS):
     model, opt_state = step(model, opt_state)
@@ -477,8 +483,8 @@ def _nnx_hyperparams():
   def step(model, optimizer):
     optimizer.update(model, nnx.grad(lambda m: _ce(m(X)))(model))
 
-  read = lambda: {k: v[...]
-                  for k, v in optimizer.opt_state.hyperparams.items()}
+  def read():
+    return {k: v[...] for k, v in optimizer.opt_state.hyperparams.items()}
   return (lambda: step(model, optimizer),
           functools.partial(_set_nnx, optimizer), read, traces)
 

@@ -61,7 +61,8 @@ class PassThroughTest(parameterized.TestCase):
     assert isinstance(out["masked"]["kernel"], optax.MaskedNode)
     np.testing.assert_allclose(
         out["conv"]["kernel"],
-        optax_cdg.metric_gradient(grads["conv"]["kernel"], 0.01, scale="unit"), atol=1e-6)
+        optax_cdg.metric_gradient(grads["conv"]["kernel"], 0.01,
+                                  scale="unit"), atol=1e-6)
 
   def test_inside_optax_masked(self):
     """optax.masked hands the transform MaskedNode leaves: they stay masked."""
@@ -75,7 +76,8 @@ class PassThroughTest(parameterized.TestCase):
       np.testing.assert_array_equal(out["b"]["kernel"], grads["b"]["kernel"])
       np.testing.assert_allclose(
           out["a"]["kernel"],
-          optax_cdg.metric_gradient(grads["a"]["kernel"], 0.01, scale="unit"), atol=1e-6)
+          optax_cdg.metric_gradient(grads["a"]["kernel"], 0.01,
+                                    scale="unit"), atol=1e-6)
 
 
 class NonFloatLeavesTest(parameterized.TestCase):
@@ -176,5 +178,5 @@ class DegenerateShapesTest(parameterized.TestCase):
   def test_selected_leaf_with_too_few_dimensions(self):
     tx = optax_cdg.channel_directed(kernels={"w": True})
     with pytest.raises(ValueError, match="w of shape \\(8,\\); a selected "
-                       "leaf needs at least 2 dimensions"):
+                       "array needs at least 2 dimensions"):
       tx.update({"w": jnp.ones(8)}, optax.EmptyState())

@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 import tempfile
 
 from absl.testing import absltest
@@ -14,16 +13,14 @@ import numpy as np
 import optax
 import pytest
 
-import optax_cdg
-
 import _extras
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "examples"))
-
-import cifar10  # pylint: disable=g-import-not-at-top,wrong-import-position
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-import quickstart_nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
+# examples/ is on the path (pyproject's pythonpath), as for a script there.
+import cifar10
+import common
+import optax_cdg
+import quickstart
+import quickstart_nnx
 
 TINY_RESNET = common.ResNet(blocks_per_stage=1, widths=(4, 8, 8))
 TINY_CNN = common.SmallCNN(widths=(2, 4))
@@ -217,6 +214,28 @@ class CommonTest(absltest.TestCase):
     with pytest.raises(TypeError, match="inject_hyperparams"):
       common.set_hyperparams(optax.sgd(0.1).init({"w": jnp.ones(2)}),
                              {"learning_rate": 0.1})
+
+
+def test_quickstart_runs_at_tiny_size(capsys):
+  _extras.require("mlxtend")
+  _extras.require("tqdm")
+  results = quickstart.main(["--epochs", "1", "--train-size", "64",
+                             "--batch-size", "32", "--no-progress"])
+  assert set(results) == {"baseline", "cdg"}
+  for runs in results.values():
+    assert len(runs) == 1 and 0.0 <= runs[0].test_acc <= 1.0
+  out = capsys.readouterr().out
+  assert out.index("Compiling both training steps") < out.index(
+      "test accuracy")
+  assert "One seed cannot show a difference" in out
+
+
+def test_quickstart_reports_the_spread_over_seeds():
+  line = quickstart.spread("CDG - baseline", [0.2, -0.1, 0.3], "points")
+  assert line.startswith("CDG - baseline: +0.13 points (sd 0.21 over 3 ")
+  assert line.endswith("within noise")
+  assert quickstart.spread("d", [1.0, 1.1, 0.9], "s").endswith(
+      "beyond two standard errors")
 
 
 def test_quickstart_nnx_runs_at_tiny_size(capsys):

@@ -1,4 +1,5 @@
-"""Long runs: checkpoint and restore, compile once, steady memory, no mutation."""
+"""Long runs: checkpoint and restore, compile once, steady memory, no
+mutation."""
 
 import copy
 import functools
@@ -13,8 +14,11 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from _models import LINEN_MIXED_INPUT
+from _models import LinenCNN
+from _models import LinenMixed
+from _task import toy_task
 import optax_cdg
-from _models import LINEN_MIXED_INPUT, LinenCNN, LinenMixed, toy_task
 
 
 def _batch(step):
@@ -22,7 +26,7 @@ def _batch(step):
   return toy_task(seed=step, n=16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup():
   """A CNN, CDG with a schedule chained with SGD + momentum, and a step.
 

@@ -8,8 +8,8 @@ import optax
 import pytest
 
 import _fresh
-import optax_cdg
 from _reference import metric_matrix
+import optax_cdg
 
 
 def _dense_lsgd(g, sigma):
@@ -95,16 +95,17 @@ class LaplacianSmoothingTest(parameterized.TestCase):
   @pytest.mark.slow
   def test_resnet50_tree_in_bounded_memory(self):
     out = _fresh.run("""
-import importlib.util, os, numpy as np, jax, jax.numpy as jnp, optax_cdg
-# The benchmarks' net shapes (benchmarks/operator.py), HWIO, random values.
-path = os.path.join(os.path.dirname(os.path.dirname(optax_cdg.__file__)),
-                    "benchmarks", "operator.py")
-spec = importlib.util.spec_from_file_location("cdg_operator_bench", path)
-bench = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = bench
-spec.loader.exec_module(bench)
-tree = {k: v["kernel"] for k, v in
-        bench.kernel_tree(bench.resnet50()).items()}
+import numpy as np, jax, jax.numpy as jnp, optax_cdg
+# ResNet-50's conv kernels (HWIO), random values.
+shapes, cin = [(7, 7, 3, 64)], 64
+for blocks, w in ((3, 64), (4, 128), (6, 256), (3, 512)):
+  for i in range(blocks):
+    shapes += [(1, 1, cin, w), (3, 3, w, w), (1, 1, w, 4 * w)]
+    shapes += [(1, 1, cin, 4 * w)] if i == 0 else []
+    cin = 4 * w
+keys = jax.random.split(jax.random.key(0), len(shapes))
+tree = {f"conv{i:02d}": jax.random.normal(k, s, jnp.float32)
+        for i, (k, s) in enumerate(zip(keys, shapes))}
 tree = jax.block_until_ready(tree)
 size = sum(x.size for x in tree.values())
 before = peak_mib()

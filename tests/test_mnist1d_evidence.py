@@ -4,7 +4,6 @@ report."""
 import json
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 from unittest import mock
@@ -17,13 +16,11 @@ import numpy as np
 import pytest
 
 import _extras
+from examples import common
+from studies import mnist1d_evidence as m1d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "studies", "results")
-sys.path[:0] = [os.path.join(ROOT, "studies"), os.path.join(ROOT, "examples")]
-
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-import mnist1d_evidence as m1d  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _data(n=120, seed=0):
@@ -163,7 +160,7 @@ class TrainingTest(absltest.TestCase):
         got = m1d.train_members(model, m1d.DEFAULT, setting, data, members,
                                 evals=3, checkpoint=ckpt)
       self.assertLen(calls, 1)  # only the third chunk was trained again
-      for g, w in zip(got, want):
+      for g, w in zip(got, want, strict=True):
         g.pop("seconds"), w.pop("seconds")
         self.assertEqual(g, w)  # bit for bit
       self.assertFalse(os.path.exists(ckpt))  # removed once finished

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import optax_cdg
-from _bounds import elementwise_bound, overflow_threshold
+from _bounds import elementwise_bound
+from _bounds import overflow_threshold
 from _reference import apply_deflated
+import optax_cdg
 
 METRICS = ("sobolev", "sobolev_mean", "reweighted", "l2")
 BOUNDARIES = ("periodic", "neumann")
@@ -89,11 +90,13 @@ class NonFiniteTest(parameterized.TestCase):
   def test_metric_gradient_several_axes(self, metric, boundary_shape_axes):
     boundary, shape, axes = boundary_shape_axes
     x = _random(shape, 4)
-    index = tuple(min(i, n - 1) for i, n in zip((1, 2, 3, 0), shape))
+    index = tuple(min(i, n - 1) for i, n in zip((1, 2, 3, 0), shape,
+                                                strict=False))
     y = x.copy()
     y[index] = np.nan
     op = jax.jit(lambda g: optax_cdg.metric_gradient(
-        g, _lam(metric), metric=metric, axes=axes, boundary=boundary, scale="unit"))
+        g, _lam(metric), metric=metric, axes=axes, boundary=boundary,
+        scale="unit"))
     out, ref = np.asarray(op(y)), np.asarray(op(x))
     mask = _fiber_mask(shape, axes, index)
     assert np.isnan(out[index])
@@ -104,8 +107,9 @@ class ExtremeSmoothingTest(parameterized.TestCase):
 
   def _check_extreme(self, metric, boundary, scale, traced):
     x = _random((3, 2, 251), 5)  # a prime length: Bluestein's FFT
-    f = lambda g, s: optax_cdg.metric_gradient(
-        g, s, metric=metric, boundary=boundary, scale=scale)
+    def f(g, s):
+      return optax_cdg.metric_gradient(
+          g, s, metric=metric, boundary=boundary, scale=scale)
     if traced:
       f = jax.jit(f)
     for lam in 10.0 ** np.arange(-9, 13, 3):
@@ -148,7 +152,8 @@ class ExtremeSmoothingTest(parameterized.TestCase):
   def test_zero_smoothing_sobolev_is_the_identity(self):
     x = _random((3, 600), 7)
     for boundary in BOUNDARIES:
-      out = optax_cdg.metric_gradient(jnp.asarray(x), 0.0, boundary=boundary, scale="unit")
+      out = optax_cdg.metric_gradient(jnp.asarray(x), 0.0, boundary=boundary,
+                                      scale="unit")
       np.testing.assert_allclose(out, x, rtol=0, atol=2e-6 * np.abs(x).max())
 
 
@@ -202,7 +207,8 @@ class RepeatabilityTest(parameterized.TestCase):
     update = jax.jit(tx.update)
     state = tx.init(grads)
     first, _ = update(grads, state)
-    bits = lambda t: jax.tree.map(lambda a: np.asarray(a).tobytes(), t)
+    def bits(t):
+      return jax.tree.map(lambda a: np.asarray(a).tobytes(), t)
     for _ in range(3):
       again, _ = update(grads, state)
       assert bits(again) == bits(first)

@@ -1,5 +1,7 @@
 """Tests of optax_cdg.metric_gradient against dense float64 solves."""
 
+import functools
+
 from absl.testing import parameterized
 import chex
 import jax
@@ -8,8 +10,9 @@ import numpy as np
 import pytest
 
 import _fresh
+from _reference import apply_dense
+from _reference import metric_matrix
 import optax_cdg
-from _reference import apply_dense, metric_matrix
 
 METRICS = ("sobolev", "sobolev_mean", "reweighted", "l2")
 BOUNDARIES = ("periodic", "neumann")
@@ -81,8 +84,10 @@ class PropertiesTest(parameterized.TestCase):
   @parameterized.product(metric=METRICS, boundary=BOUNDARIES, n=(7, 64))
   def test_linear_self_adjoint_positive(self, metric, boundary, n):
     lam = LAMBDA[metric]
-    op = lambda g: np.asarray(optax_cdg.metric_gradient(
-        jnp.asarray(g), lam, metric=metric, boundary=boundary, scale="unit"), np.float64)
+    def op(g):
+      return np.asarray(optax_cdg.metric_gradient(
+          jnp.asarray(g), lam, metric=metric, boundary=boundary,
+          scale="unit"), np.float64)
     x, y = _random((3, n), 1), _random((3, n), 2)
     a, b = 1.7, -0.3
     lin = op(a * x + b * y)
@@ -118,8 +123,10 @@ class PropertiesTest(parameterized.TestCase):
   def test_acts_fiber_by_fiber(self, metric, boundary):
     x = _random((5, 4, 9), 4)
     perm0, perm1 = np.random.default_rng(0).permutation(5), [3, 1, 0, 2]
-    op = lambda g: np.asarray(optax_cdg.metric_gradient(
-        jnp.asarray(g), LAMBDA[metric], metric=metric, boundary=boundary, scale="unit"))
+    def op(g):
+      return np.asarray(optax_cdg.metric_gradient(
+          jnp.asarray(g), LAMBDA[metric], metric=metric, boundary=boundary,
+          scale="unit"))
     np.testing.assert_allclose(op(x[perm0][:, perm1]), op(x)[perm0][:, perm1],
                                atol=1e-6)
     # A fiber's result depends on nothing but that fiber.
@@ -158,7 +165,8 @@ class PropertiesTest(parameterized.TestCase):
   def test_empty_and_single_channel(self, n):
     x = jnp.ones((3, 2, n))
     for metric in METRICS:
-      out = optax_cdg.metric_gradient(x, LAMBDA[metric], metric=metric, scale="unit")
+      out = optax_cdg.metric_gradient(x, LAMBDA[metric], metric=metric,
+                                      scale="unit")
       assert out.shape == x.shape and out.dtype == x.dtype
       np.testing.assert_array_equal(out, x)
 
@@ -172,9 +180,10 @@ class TransformationsTest(parameterized.TestCase):
 
   def test_vmap_and_grad(self):
     x = jnp.asarray(_random((4, 3, 8)))
-    f = lambda g: optax_cdg.metric_gradient(g, 0.01, scale="unit")
+    def f(g):
+      return optax_cdg.metric_gradient(g, 0.01, scale="unit")
     np.testing.assert_allclose(jax.vmap(f)(x), f(x), atol=1e-6)
-    # The operator is self-adjoint, so the gradient of <w, A^{-1} x> is A^{-1} w.
+    # The operator is self-adjoint: the gradient of <w, A^{-1} x> is A^{-1} w.
     w = jnp.asarray(_random((4, 3, 8), 9))
     g = jax.grad(lambda z: jnp.sum(w * f(z)))(x)
     np.testing.assert_allclose(g, f(w), atol=1e-5)
@@ -182,18 +191,20 @@ class TransformationsTest(parameterized.TestCase):
   def test_traced_smoothing(self):
     x = jnp.asarray(_random((2, 16)))
     for metric in ("sobolev", "sobolev_mean", "reweighted"):
-      f = jax.jit(lambda g, lam: optax_cdg.metric_gradient(g, lam,
-                                                           metric=metric, scale="unit"))
+      f = jax.jit(functools.partial(optax_cdg.metric_gradient, metric=metric,
+                                    scale="unit"))
       np.testing.assert_allclose(
           f(x, jnp.asarray(0.02, jnp.bfloat16)),
           optax_cdg.metric_gradient(x, float(jnp.bfloat16(0.02)),
-                                    metric=metric, scale="unit"), rtol=1e-5, atol=1e-6)
+                                    metric=metric, scale="unit"),
+          rtol=1e-5, atol=1e-6)
 
   @parameterized.product(metric=("sobolev", "sobolev_mean", "reweighted"),
                          lam=(-1.0, np.nan, np.inf))
   def test_rejected_traced_smoothing_is_loud(self, metric, lam):
     x = jnp.asarray(_random((2, 16)))
-    f = jax.jit(lambda g, s: optax_cdg.metric_gradient(g, s, metric=metric, scale="unit"))
+    f = jax.jit(lambda g, s: optax_cdg.metric_gradient(g, s, metric=metric,
+                                                       scale="unit"))
     assert np.all(np.isnan(f(x, lam)))
     if metric != "sobolev":
       assert np.all(np.isnan(f(x, 0.0)))
@@ -299,8 +310,9 @@ class LayoutTest(parameterized.TestCase):
   def test_no_transposing_copy_before_the_fft(self):
     if jax.default_backend() != "cpu":
       pytest.skip("the layout XLA gives a kernel gradient is the CPU's here")
-    import flax.linen as nn  # pylint: disable=g-import-not-at-top
     import re  # pylint: disable=g-import-not-at-top
+
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
     model = nn.Sequential([nn.Conv(8, (3, 3)), nn.relu, nn.Conv(16, (3, 3))])
     x = jnp.ones((4, 8, 8, 3))
     params = model.init(jax.random.key(0), x)["params"]
@@ -339,7 +351,8 @@ y = np.asarray(jax.block_until_ready(f(x)), np.float64)
 grown = peak_mib() - before
 fft = optax_cdg.metric_gradient(x, 1e-3, scale="unit", method="fft")
 xs = np.asarray(x, np.float64)
-ref = np.fft.irfft(np.fft.rfft(xs) * optax_cdg.spectral_gain(n, 1e-3, scale="unit"), n=n)
+ref = np.fft.irfft(np.fft.rfft(xs) * optax_cdg.spectral_gain(n, 1e-3,
+                                                             scale="unit"), n=n)
 scale = np.abs(ref).max()
 report(grown=grown, vs_fft=float(np.abs(y - np.asarray(fft)).max() / scale),
        vs_ref=float(np.abs(y - ref).max() / scale))

@@ -17,11 +17,16 @@ import numpy as np
 import optax
 import pytest
 
-import optax_cdg
-from _bounds import elementwise_bound, fiber_bound, fibers, output_rounding
+from _bounds import elementwise_bound
+from _bounds import fiber_bound
+from _bounds import fibers
+from _bounds import output_rounding
 from _bounds import overflow_threshold
-from _reference import apply_deflated, apply_dense, deviation_matrix
+from _reference import apply_deflated
+from _reference import apply_dense
+from _reference import deviation_matrix
 from _reference import metric_matrix
+import optax_cdg
 
 METRICS = ("sobolev", "sobolev_mean", "reweighted", "l2")
 HALF = (jnp.float16, jnp.bfloat16)
@@ -84,7 +89,7 @@ def case(draw, dtypes):
   ndim = n_axes + len(other)
   positions = draw(st.permutations(range(ndim)))[:n_axes]
   shape = [0] * ndim
-  for p, n in zip(positions, sizes):
+  for p, n in zip(positions, sizes, strict=False):
     shape[p] = n
   rest = iter(other)
   for i in range(ndim):

@@ -3,8 +3,6 @@ end-to-end run."""
 
 import dataclasses
 import json
-import os
-import sys
 import tempfile
 
 from absl.testing import parameterized
@@ -13,11 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "studies"), os.path.join(ROOT, "examples")]
-
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-import reproduce  # pylint: disable=g-import-not-at-top,wrong-import-position
+from examples import common
+from studies import reproduce
 
 
 class StatisticsTest(parameterized.TestCase):

@@ -8,10 +8,15 @@ import numpy as np
 import optax
 import pytest
 
+from _models import as_pure
+from _models import LINEN_MIXED_CONVS
+from _models import LINEN_MIXED_INPUT
+from _models import LinenCNN
+from _models import LinenMixed
+from _models import NNX_MIXED_CONVS
+from _models import NNXMixed
 import optax_cdg
 from optax_cdg import _selection
-from _models import (LINEN_MIXED_CONVS, LINEN_MIXED_INPUT, LinenCNN,
-                     LinenMixed, NNX_MIXED_CONVS, NNXMixed, as_pure)
 
 
 def _selected(spec_tree):
@@ -156,7 +161,8 @@ class ResolveSpecTest(parameterized.TestCase):
        ValueError, "stacked_axes=3"),
       ("no_spatial", True, (4, 8), "spatial", ValueError, "spatial axes"),
       ("vector", True, (8,), "output", ValueError, "at least 2 dimensions"),
-      ("value", "yes", (3, 4, 8), "output", TypeError, "expected None"),
+      ("value", "yes", (3, 4, 8), "output", TypeError,
+       "kernels=.yes. is not a selection of conv kernels. Pass kernels=None"),
   )
   def test_errors(self, spec, shape, direction, error, message):
     with pytest.raises(error, match=message):

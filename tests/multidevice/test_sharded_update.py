@@ -10,11 +10,12 @@ import re
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import optax_cdg
 
@@ -180,7 +181,8 @@ class ShardedUpdateTest(parameterized.TestCase):
     mesh = _mesh("auto")
     with jax.set_mesh(mesh):
       xs = jax.device_put(x, NamedSharding(mesh, P(None, None, "a", "b")))
-      f = lambda z: optax_cdg.metric_gradient(z, 1e-3, scale="unit")
+      def f(z):
+        return optax_cdg.metric_gradient(z, 1e-3, scale="unit")
       g = jax.jit(jax.grad(lambda z: jnp.sum(f(z) * x)))(xs)
       v = jax.jit(jax.vmap(f))(xs)
     # Self-adjoint: the gradient of <x, A^{-1} z> is A^{-1} x.

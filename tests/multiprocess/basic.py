@@ -29,9 +29,9 @@ harness.initialize(fail_fast=not args.no_fail_fast)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 me = jax.process_index()
 print(f"process {me} of {jax.process_count()} joined", flush=True)

@@ -2,12 +2,11 @@
 
 import os
 
+import harness
 import numpy as np
 import pytest
 
 import _extras
-
-import harness
 
 EXAMPLE = os.path.join(harness.REPO, "examples", "data_parallel.py")
 STEPS = 20             # of the global batch of 64

@@ -21,6 +21,7 @@ check that on the live processes).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import dataclasses
 import json
 import os
@@ -32,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))

@@ -16,10 +16,10 @@ with a `NamedSharding` is the mesh's device order). From these, per device:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
 
 import numpy as np
 

@@ -24,13 +24,14 @@ args = parser.parse_args()
 
 harness.initialize()
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import hlo
 import jax
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-import hlo
 import optax_cdg
 
 SMALL = {"conv1": (3, 3, 8, 16), "conv2": (3, 3, 16, 32),
@@ -95,7 +96,7 @@ def main():
           out = update(sharded)
         diff, kept, shards = 0.0, True, 0
         for o, i, w in zip(jax.tree.leaves(out), jax.tree.leaves(sharded),
-                           jax.tree.leaves(want)):
+                           jax.tree.leaves(want), strict=True):
           kept &= o.sharding.is_equivalent_to(i.sharding, o.ndim)
           for shard in o.addressable_shards:
             d = np.abs(np.asarray(shard.data) - w[shard.index])

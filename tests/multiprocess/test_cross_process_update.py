@@ -9,9 +9,8 @@ an all-to-all exactly when a mesh axis splits the output-channel axis.
 
 import os
 
-import pytest
-
 import harness
+import pytest
 
 pytestmark = pytest.mark.multiprocess
 

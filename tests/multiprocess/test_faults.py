@@ -11,12 +11,12 @@ it resumes from step 10 and ends bit-identical to the uninterrupted run
 
 import os
 
+import harness
 import numpy as np
 import pytest
+from test_launcher import PEER_DIED
 
 import conftest
-import harness
-from test_launcher import PEER_DIED
 
 pytestmark = pytest.mark.multiprocess
 

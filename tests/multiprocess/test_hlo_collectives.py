@@ -1,8 +1,7 @@
 """hlo.py: collectives, replica groups and bytes read from HLO text."""
 
-import pytest
-
 import hlo
+import pytest
 
 MESH_FORM = (
     "%all-to-all.6 = (f32[3,3,1,2,4]{4,3,2,1,0}, f32[3,3,1,2,4]{4,3,2,1,0})"

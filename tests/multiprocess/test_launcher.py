@@ -7,9 +7,8 @@ are marked `multiprocess` (`pytest -m multiprocess tests/multiprocess`).
 import os
 import re
 
-import pytest
-
 import harness
+import pytest
 
 BASIC = os.path.join(harness.HERE, "basic.py")
 # What a surviving process prints when the job loses one of its processes:

@@ -20,22 +20,22 @@ Sections (all by default, or pick with --sections):
 What CDG costs in a training step is benchmarks/step.py.
 
 Usage:
-  python benchmarks/operator.py --quick      # a few minutes on 2 CPU cores
-  python benchmarks/operator.py              # everything
-  python benchmarks/operator.py --sections tree --reps 31
+  python benchmarks/update_cost.py --quick      # a few minutes on 2 CPU cores
+  python benchmarks/update_cost.py              # everything
+  python benchmarks/update_cost.py --sections tree --reps 31
 Runs unchanged on CPU, GPU and TPU; it prints the device.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 import functools
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -79,13 +79,13 @@ def resnet50() -> list[tuple[int, ...]]:
 def vgg16() -> list[tuple[int, ...]]:
   widths = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
   cins = (3,) + widths[:-1]
-  return [(3, 3, i, o) for i, o in zip(cins, widths)]
+  return [(3, 3, i, o) for i, o in zip(cins, widths, strict=True)]
 
 
 def convnext_t() -> list[tuple[int, ...]]:
   """ConvNeXt-T with its pointwise layers as 1x1 convs."""
   shapes, dims = [(4, 4, 3, 96)], (96, 192, 384, 768)
-  for stage, (depth, c) in enumerate(zip((3, 3, 9, 3), dims)):
+  for stage, (depth, c) in enumerate(zip((3, 3, 9, 3), dims, strict=True)):
     if stage:
       shapes.append((2, 2, dims[stage - 1], c))
     shapes += [(7, 7, 1, c), (1, 1, c, 4 * c), (1, 1, 4 * c, c)] * depth
@@ -99,7 +99,7 @@ NETS = {"resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16,
 def kernel_tree(shapes: Sequence[tuple[int, ...]], seed: int = 0) -> dict:
   keys = jax.random.split(jax.random.key(seed), len(shapes))
   return {f"conv{i:02d}": {"kernel": jax.random.normal(k, s, jnp.float32)}
-          for i, (k, s) in enumerate(zip(keys, shapes))}
+          for i, (k, s) in enumerate(zip(keys, shapes, strict=True))}
 
 
 # ---------------------------------------------------------------------------
@@ -159,7 +159,9 @@ def temp_bytes(compiled) -> float | None:
 def table(rows: list[list[Any]], head: list[str]) -> str:
   cells = [[str(c) for c in r] for r in [head] + rows]
   width = [max(len(r[i]) for r in cells) for i in range(len(head))]
-  line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, width)) + " |"
+  def line(r):
+    return "| " + " | ".join(
+        c.ljust(w) for c, w in zip(r, width, strict=True)) + " |"
   sep = "|" + "|".join("-" * (w + 2) for w in width) + "|"
   return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
@@ -269,7 +271,8 @@ def section_lsgd(args) -> None:
   tree = kernel_tree(resnet18())
   fns, compile_s = {"scale": jax.jit(floor_update)}, {}
   tx = optax_cdg.laplacian_smoothing()
-  f = lambda t: tx.update(t, tx.init(t))[0]
+  def f(t):
+    return tx.update(t, tx.init(t))[0]
   compile_s["lsgd"] = compile_seconds(f, tree)[0]
   fns["lsgd"] = jax.jit(f)
   compile_s["scale"] = compile_seconds(floor_update, tree)[0]
@@ -304,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.compile_reps = 1 if args.quick else 3
   print(describe_device())
   print(f"date: {time.strftime('%Y-%m-%d %H:%M')}; command: "
-        f"python benchmarks/operator.py {' '.join(sys.argv[1:])}")
+        f"python benchmarks/update_cost.py {' '.join(sys.argv[1:])}")
   for name in SECTIONS:
     if name in args.sections:
       globals()[f"section_{name}"](args)
