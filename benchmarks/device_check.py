@@ -30,12 +30,12 @@ Never run it while another job uses the device.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import importlib.util
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -166,7 +166,8 @@ def sec_exact(small: bool) -> None:
   log(f"\n## exact ({dev.platform}, ResNet-50 kernels: {len(shapes)} leaves)\n")
   log("| check | max relative error |")
   log("|---|---|")
-  log(f"| default update vs float64 dense solve | {worst_rel(out, dense):.2e} |")
+  log("| default update vs float64 dense solve | "
+      f"{worst_rel(out, dense):.2e} |")
   log(f"| default update vs the CPU backend | {worst_rel(out, on_cpu):.2e} |")
   log("| with the layout view vs the library | "
       f"{worst_rel(jax.jit(view_update)(tree), out):.2e} |")
@@ -265,7 +266,8 @@ def sec_step(small: bool, batch: int, reps: int, blocks: int) -> None:
     t = time.perf_counter()
     *states[name], loss = step(*states[name], x, y)  # donates its state
     jax.block_until_ready(loss)
-    log(f"- {name}: first call (compile and run) {time.perf_counter() - t:.1f} s")
+    log(f"- {name}: first call (compile and run) "
+        f"{time.perf_counter() - t:.1f} s")
 
     def call(name=name, step=step):
       *states[name], loss = step(*states[name], x, y)
@@ -312,8 +314,9 @@ def sec_compile(small: bool, reps: int) -> None:
   for k, v in times.items():
     log(f"| {k} | {statistics.median(v):.3f} | "
         f"{', '.join(f'{s:.3f}' for s in v)} |")
-  log(f"\ncdg - optax.scale: "
-      f"{statistics.median(times['cdg']) - statistics.median(times['optax.scale']):+.3f} s")
+  extra = (statistics.median(times["cdg"])
+           - statistics.median(times["optax.scale"]))
+  log(f"\ncdg - optax.scale: {extra:+.3f} s")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""What CDG costs in a training step: a jitted CIFAR ResNet-18 step, side by side.
+"""What CDG costs in a training step: a jitted CIFAR ResNet-18 step.
 
 Each variant is the same jitted step (forward, backward, update, apply) of a
 ResNet-18 for 32x32 inputs (11.2M conv parameters), SGD with momentum 0.9,
@@ -14,8 +14,8 @@ The variants take turns within each repetition, so that the machine's load
 hits all of them alike; a run reports each variant's median over its
 repetitions, as a ratio to plain; `--runs` such runs are made, and the table
 gives the median of the per-run ratios and their range, and the median over
-all repetitions of the ratio to the plain step of the same repetition. A control ratio
-near 1.00 says the measurement can see a cost of about 1 %.
+all repetitions of the ratio to the plain step of the same repetition. A
+control ratio near 1.00 says the measurement can see a cost of about 1 %.
 
 Usage:
   python benchmarks/step.py                  # 3 runs of 12 repetitions
@@ -26,13 +26,13 @@ Never run it while another job uses the machine.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import functools
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -152,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
   args = parser.parse_args(argv)
   print(describe())
   print(f"date: {time.strftime('%Y-%m-%d %H:%M')}; command: python "
-        f"benchmarks/step.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+        "benchmarks/step.py "
+        + " ".join(sys.argv[1:] if argv is None else argv))
   model = CifarResNet18()
   x = jax.random.normal(jax.random.key(1), (args.batch, 32, 32, 3))
   y = jax.random.randint(jax.random.key(2), (args.batch,), 0, 10)
@@ -167,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
     plain_ms.append(med["plain"] * 1e3)
     for k in txs:
       ratios[k].append(med[k] / med["plain"])
-      paired[k] += [a / b for a, b in zip(times[k], times["plain"])]
+      paired[k] += [a / b for a, b in
+                    zip(times[k], times["plain"], strict=True)]
     print(f"run {r + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in
                                        ((k, ratios[k][-1]) for k in txs)),
           flush=True)

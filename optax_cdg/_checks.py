@@ -5,9 +5,9 @@ Errors name the parameter, the value and what is allowed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import difflib
 import numbers
-from collections.abc import Sequence
 from typing import Any
 
 import jax

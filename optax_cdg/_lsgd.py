@@ -1,4 +1,4 @@
-"""Laplacian smoothing gradient descent (LSGD), the baseline CDG argues against."""
+"""Laplacian smoothing gradient descent (LSGD), the baseline CDG improves on."""
 
 from __future__ import annotations
 

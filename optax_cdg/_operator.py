@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -157,7 +157,7 @@ class Operator:
   scale: str
   dtype: Any  # the compute dtype
 
-  def shifted(self, k: int) -> "Operator":
+  def shifted(self, k: int) -> Operator:
     """The same operator on an array with `k` more leading (batch) axes."""
     return dataclasses.replace(self, axes=tuple(a + k for a in self.axes))
 
@@ -189,10 +189,15 @@ class Operator:
       # plain step, BENCHMARKS.md). Fibers are independent, so the result is
       # the same; other backends keep the logical order until measured.
       perm = (x.ndim - 2, *range(x.ndim - 2), x.ndim - 1)
+      back = tuple(int(i) for i in np.argsort(perm))
+
+      def on_the_view(x, *gains):
+        view = jnp.transpose(x, perm)
+        return jnp.transpose(self._fft(view, gains, grad.dtype), back)
+
       return jax.lax.platform_dependent(
-          x, *gains, default=lambda x, *gains: self._fft(x, gains, grad.dtype),
-          cpu=lambda x, *gains: jnp.transpose(self._fft(
-              jnp.transpose(x, perm), gains, grad.dtype), tuple(int(i) for i in np.argsort(perm))))
+          x, *gains, cpu=on_the_view,
+          default=lambda x, *gains: self._fft(x, gains, grad.dtype))
     return self._fft(x, gains, grad.dtype)
 
   def _fft(self, x: jax.Array, gains: Sequence[jax.Array], dtype: Any):
@@ -204,11 +209,11 @@ class Operator:
       for a in self.axes:
         x = jnp.concatenate([x, jnp.flip(x, a)], axis=a)
     shape = [1] * x.ndim  # the gains along `axes`, broadcast elsewhere
-    for a, n in zip(self.axes, jnp.shape(gains[0])):
+    for a, n in zip(self.axes, jnp.shape(gains[0]), strict=True):
       shape[a] = n
     ext = tuple(x.shape[a] for a in self.axes)
     y = jnp.fft.irfftn(jnp.fft.rfftn(x, axes=self.axes)
                        * jnp.reshape(gains[0], shape), s=ext, axes=self.axes)
-    for a, n in zip(self.axes, self.sizes):  # the first half, for Neumann
+    for a, n in zip(self.axes, self.sizes, strict=True):  # Neumann: 1st half
       y = jax.lax.slice_in_dim(y, 0, n, axis=a)
     return y.astype(dtype)

@@ -21,21 +21,22 @@ transform axis instead (each device then keeps its own slice).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+import math
 from typing import Protocol
 
 import jax
-import jax.numpy as jnp
+from jax._src import dispatch  # the registry named where it is used
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend import core as jax_core
-from jax._src import dispatch  # the registry named where it is used
 from jax.interpreters import ad
 from jax.interpreters import batching
 from jax.interpreters import mlir
+import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
 
 class FiberFn(Protocol):
   """What this module needs of the operator (`_operator.Operator`).
@@ -64,7 +65,8 @@ _SpecEntries = list[tuple[str, ...]]
 def _entries(spec, ndim: int) -> _SpecEntries:
   out = []
   for e in tuple(spec) + (None,) * (ndim - len(tuple(spec))):
-    out.append(() if e is None else (tuple(e) if isinstance(e, tuple) else (e,)))
+    out.append(() if e is None
+               else tuple(e) if isinstance(e, tuple) else (e,))
   return out
 
 
@@ -186,7 +188,8 @@ _partitioned = custom_partitioning(_call, static_argnums=(0,))
 _partitioned.def_partition(
     partition=_partition, sharding_rule=_rule,
     # The result keeps the input's sharding.
-    infer_sharding_from_operands=lambda fn, mesh, args, result: args[0].sharding)
+    infer_sharding_from_operands=(
+        lambda fn, mesh, args, result: args[0].sharding))
 
 
 # `fiberwise_p.bind(x, lam, fn=fn, order=k)` is `fn(x, *d^k gains / d lam^k)`:
@@ -206,7 +209,8 @@ def _bind_partitioned(x, lam, *, fn, order):
 # Lowering custom_partitioning needs the device assignment, which jit gives
 # only to primitives in this registry (as JAX does for custom_partitioning).
 dispatch.prim_requires_devices_during_lowering.add(fiberwise_p)
-fiberwise_p.def_impl(jax.jit(_bind_partitioned, static_argnames=("fn", "order")))
+fiberwise_p.def_impl(
+    jax.jit(_bind_partitioned, static_argnames=("fn", "order")))
 mlir.register_lowering(fiberwise_p, mlir.lower_fun(_bind_partitioned,
                                                    multiple_results=False))
 ad.defjvp(
@@ -237,8 +241,8 @@ def _batch(args, dims, *, fn, order):
   # the gains then differ along the batch.
   lam = jnp.moveaxis(lam, lam_dim, 0)
   if x_dim is None:
-    one = lambda lam: fiberwise_p.bind(x, lam, fn=fn, order=order)
-    return jax.lax.map(one, lam), 0
+    return jax.lax.map(
+        lambda lam: fiberwise_p.bind(x, lam, fn=fn, order=order), lam), 0
   return jax.lax.map(lambda xl: fiberwise_p.bind(*xl, fn=fn, order=order),
                      (jnp.moveaxis(x, x_dim, 0), lam)), 0
 

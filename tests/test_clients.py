@@ -19,10 +19,10 @@ import functools
 import re
 from typing import Any
 
+import chex
 from flax import nnx
 from flax.training import dynamic_scale
 from flax.training import train_state
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

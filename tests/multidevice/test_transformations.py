@@ -10,11 +10,11 @@ kernel's shape (a Jacobian's reshapes are XLA's to lay out).
 import re
 
 import jax
-import numpy as np
-import pytest
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
 
 import _transformations as tr
 
