@@ -64,19 +64,17 @@ def gain(sizes: Sequence[int], lam: float | jax.Array, metric: str,
   xp: Any = np if concrete else jnp
   mu = xp.asarray(eigenvalues(sizes, boundary, scale, extended),
                   np.float64 if concrete else jnp.result_type(lam))
+  if not concrete:  # NaN poisons every gain below, the mean's too
+    lam = jnp.where(_checks.smoothing_valid(lam, metric), lam, jnp.nan)
   zero = mu == 0.0  # the constant (mean) mode only
-  with np.errstate(divide="ignore"):
+  with np.errstate(divide="ignore", invalid="ignore"):
     if metric == "sobolev":
-      g = 1.0 / (1.0 + lam * mu)
-    elif metric == "sobolev_mean":
-      g = xp.where(zero, 1.0, 1.0 / xp.where(zero, 1.0, lam * mu))
-    elif metric == "reweighted":
-      g = xp.where(zero, 1.0, 1.0 / lam)
-    else:
-      g = xp.ones_like(mu)
-  if concrete:
-    return g
-  return jnp.where(_checks.smoothing_valid(lam, metric), g, jnp.nan)
+      return 1.0 / (1.0 + lam * mu)
+    if metric == "sobolev_mean":
+      return xp.where(zero, lam / lam, 1.0 / xp.where(zero, 1.0, lam * mu))
+    if metric == "reweighted":
+      return xp.where(zero, lam / lam, 1.0 / lam)
+    return xp.ones_like(mu)
 
 
 def spectral_gain(

@@ -113,10 +113,7 @@ def _explicit_entries(x: jax.Array) -> tuple[_SpecEntries, object] | None:
   On a mesh whose axes are all explicit, a replicated array has entries that
   are all empty.
   """
-  try:
-    sharding = jax.typeof(x).sharding
-  except Exception:  # pylint: disable=broad-except
-    return None
+  sharding = jax.typeof(x).sharding
   mesh = getattr(sharding, "mesh", None)
   if mesh is None or getattr(mesh, "empty", True):
     return None
@@ -169,8 +166,8 @@ def _partition(fn, mesh, arg_shapes, result_shape):
         f"split along its transform axes {fn.axes} by a "
         f"{type(x.sharding).__name__}; shard it with a NamedSharding, or "
         "leave the transform axes unsplit.")
-  consts = (NamedSharding(mesh, P()),) * (len(arg_shapes) - 1)
-  return mesh, fn, inner, (inner,) + consts
+  gains = tuple(NamedSharding(mesh, P()) for _ in arg_shapes[1:])
+  return mesh, fn, inner, (inner, *gains)
 
 
 def _rule(fn, mesh, arg_types, result_types):
