@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 
 from optax_cdg import _checks
@@ -160,7 +161,8 @@ class Operator:
     """The same operator on an array with `k` more leading (batch) axes."""
     return dataclasses.replace(self, axes=tuple(a + k for a in self.axes))
 
-  def gains(self, lam: jax.Array, order: int = 0) -> tuple[jax.Array, ...]:
+  def gains(self, lam: jax.Array,
+            order: int = 0) -> tuple[ArrayLike, ...]:
     """The linear parameters for `lam`, or their `order`-th derivative."""
     if self.smoothing is not None and order == 0:
       return _constant_gains(dataclasses.replace(self, axes=()))
@@ -183,11 +185,12 @@ class Operator:
           lambda f, lam: jax.jvp(f, (lam,), (jnp.ones_like(lam),))[1], gains)
     return gains(lam)
 
-  def __call__(self, grad: jax.Array, *gains: jax.Array) -> jax.Array:
+  def __call__(self, grad: jax.Array, *gains: ArrayLike) -> jax.Array:
     x = grad.astype(self.dtype)
     if self.closed:
       mean = jnp.mean(x, axis=self.axes, keepdims=True)
-      return (gains[0] * mean + gains[1] * (x - mean)).astype(grad.dtype)
+      mean_gain, rest_gain = (jnp.asarray(g) for g in gains)
+      return (mean_gain * mean + rest_gain * (x - mean)).astype(grad.dtype)
     if x.ndim >= 3 and self.axes == (x.ndim - 1,):
       # XLA's CPU convolutions write the gradient of a (*spatial, in, out)
       # kernel as (in, *spatial, out) in memory: on that view the FFT needs
@@ -206,7 +209,7 @@ class Operator:
           default=lambda x, *gains: self._fft(x, gains, grad.dtype))
     return self._fft(x, gains, grad.dtype)
 
-  def _fft(self, x: jax.Array, gains: Sequence[jax.Array], dtype: Any):
+  def _fft(self, x: jax.Array, gains: Sequence[ArrayLike], dtype: Any):
     """The transform along `axes` of `x` (in the compute dtype)."""
     if self.boundary == "neumann":
       # The DCT-II diagonalises the Laplacian with a reflecting boundary: it

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
 
 class FiberFn(Protocol):
@@ -50,9 +51,10 @@ class FiberFn(Protocol):
   @property
   def axes(self) -> tuple[int, ...]: ...
 
-  def __call__(self, x: jax.Array, /, *gains: jax.Array) -> jax.Array: ...
+  def __call__(self, x: jax.Array, /, *gains: ArrayLike) -> jax.Array: ...
 
-  def gains(self, lam: jax.Array, order: int = 0) -> tuple[jax.Array, ...]:
+  def gains(self, lam: jax.Array,
+            order: int = 0) -> tuple[ArrayLike, ...]:
     """The gains for `lam`, or their `order`-th derivative in `lam`."""
 
   def shifted(self, k: int) -> FiberFn:
