@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 import optax_cdg
+import update_cost  # this folder's: the nets' kernel shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.environ.get("OUT", ".")
@@ -69,13 +70,7 @@ def resnet18_shapes(small: bool) -> list[tuple[int, ...]]:
 
 
 def resnet50_shapes(small: bool) -> list[tuple[int, ...]]:
-  shapes, cin = [(7, 7, 3, 64)], 64
-  for blocks, w in ((3, 64), (4, 128), (6, 256), (3, 512)):
-    for i in range(blocks):
-      shapes += [(1, 1, cin, w), (3, 3, w, w), (1, 1, w, 4 * w)]
-      if i == 0:
-        shapes.append((1, 1, cin, 4 * w))
-      cin = 4 * w
+  shapes = update_cost.resnet50()
   return shapes[:8] if small else shapes
 
 

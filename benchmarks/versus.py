@@ -55,7 +55,6 @@ def main() -> None:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
 
-  sys.path.insert(0, HERE)
   os.environ.setdefault("OUT", tempfile.mkdtemp())  # device_check's log
   import device_check as dc  # pylint: disable=import-outside-toplevel
 
