@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+import concurrent.futures
 import dataclasses
 import functools
 from typing import Any
@@ -239,5 +240,9 @@ def _constant_gains(op: Operator) -> tuple[np.ndarray, ...]:
   ResNet-18 CPU step 3 %).
   """
   lam = np.asarray(op.smoothing, jnp.result_type(float))
-  with jax.ensure_compile_time_eval():
-    return tuple(np.asarray(g) for g in jax.jit(op.computed_gains)(lam))
+  # In a thread of its own: outside the caller's trace, mesh and manual
+  # axes (a shard_map body, other processes' devices), on this process's
+  # default device.
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    gains = pool.submit(jax.jit(op.computed_gains), lam).result()
+  return tuple(np.asarray(g) for g in gains)
