@@ -9,9 +9,12 @@ per-shard computation explicitly:
 - explicit sharding (`jax.typeof(x).sharding` names mesh axes): `shard_map`
   over the array's own spec;
 - otherwise (automatic sharding: plain `jit`, shardings invisible while
-  tracing): `custom_partitioning`, which sees the shardings XLA chose and
-  lowers the same per-shard computation. On one device JAX inlines it, so
-  the same path runs on every host, whatever its device count.
+  tracing): the primitive `fiberwise_p`, lowered through
+  `custom_partitioning`, which sees the shardings XLA chose and lowers the
+  same per-shard computation. On one device JAX inlines it, so the same path
+  runs on every host, whatever its device count. The primitive carries the
+  rules of a linear operator (JVP, transpose, batching), which
+  custom_partitioning lacks, so every transformation stays partitioned.
 
 When a mesh axis shards a transform axis, it is moved onto another axis with
 an all-to-all, the fibers are transformed whole, and moved back. A kernel with
