@@ -300,7 +300,7 @@ def sec_compile(small: bool, reps: int) -> None:
   # A number's gains are compiled once per kernel shape and kept: cold means
   # without them too (0.2 had no such cache).
   gains_cache = getattr(getattr(optax_cdg, "_operator", None),
-                        "_constant_gains", None)
+                        "_gains_in_a_thread", None)
   for _ in range(reps):
     for name, fn in fns.items():
       jax.clear_caches()

@@ -229,7 +229,6 @@ class Operator:
     return y.astype(dtype)
 
 
-@functools.lru_cache(maxsize=1024)
 def _constant_gains(op: Operator) -> tuple[np.ndarray, ...]:
   """The gains of a number, as constants of the program.
 
@@ -239,10 +238,23 @@ def _constant_gains(op: Operator) -> tuple[np.ndarray, ...]:
   computes nothing for a number (computing the gains in the step cost the
   ResNet-18 CPU step 3 %).
   """
-  lam = np.asarray(op.smoothing, jnp.result_type(float))
-  # In a thread of its own: outside the caller's trace, mesh and manual
-  # axes (a shard_map body, other processes' devices), on this process's
-  # default device.
+  # The caller's precision and device, which a worker thread does not
+  # inherit.
+  # jax's Config stub lacks its options, which it sets as attributes.
+  device = jax.config.jax_default_device  # type: ignore[attr-defined]
+  return _gains_in_a_thread(op, np.dtype(jnp.result_type(float)), device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _gains_in_a_thread(op: Operator, lam_dtype: np.dtype,
+                       device: Any) -> tuple[np.ndarray, ...]:
+  """`_constant_gains` in a thread of its own: outside the caller's trace,
+  mesh and manual axes (a shard_map body, other processes' devices)."""
+  lam = np.asarray(op.smoothing, lam_dtype)
+
+  def compute() -> tuple[np.ndarray, ...]:
+    with jax.enable_x64(lam_dtype == np.float64), jax.default_device(device):
+      return tuple(np.asarray(g) for g in jax.jit(op.computed_gains)(lam))
+
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    gains = pool.submit(jax.jit(op.computed_gains), lam).result()
-  return tuple(np.asarray(g) for g in gains)
+    return pool.submit(compute).result()
