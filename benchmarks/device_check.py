@@ -299,8 +299,9 @@ def sec_compile(small: bool, reps: int) -> None:
   times: dict[str, list[float]] = {k: [] for k in fns}
   # A number's gains are compiled once per kernel shape and kept: cold means
   # without them too (0.2 had no such cache).
-  gains_cache = getattr(getattr(optax_cdg, "_operator", None),
-                        "_gains_in_a_thread", None)
+  operator = getattr(optax_cdg, "_operator", None)
+  gains_cache = (getattr(operator, "_constants", None)  # 0.4
+                 or getattr(operator, "_gains_in_a_thread", None))
   for _ in range(reps):
     for name, fn in fns.items():
       jax.clear_caches()

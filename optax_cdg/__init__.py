@@ -9,6 +9,8 @@ from optax_cdg._alias import cdg_adamw
 from optax_cdg._alias import cdg_sgd
 from optax_cdg._alias import with_channel_directed
 from optax_cdg._diagnostics import channel_spectrum
+from optax_cdg._gains import DEFAULT_SCALE
+from optax_cdg._gains import DEFAULT_SMOOTHING
 from optax_cdg._gains import spectral_gain
 from optax_cdg._lsgd import laplacian_smoothing
 from optax_cdg._operator import metric_gradient
@@ -19,8 +21,6 @@ from optax_cdg._selection import nnx_conv_kernels
 from optax_cdg._selection import NoKernelsSelectedWarning
 from optax_cdg._transform import channel_directed
 from optax_cdg._transform import ChannelDirectedState
-from optax_cdg._transform import DEFAULT_SCALE
-from optax_cdg._transform import DEFAULT_SMOOTHING
 
 __version__ = "0.3.0"
 

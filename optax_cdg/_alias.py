@@ -10,22 +10,21 @@ from typing import Any
 
 import optax
 
-from optax_cdg import _selection
+from optax_cdg import _checks
+from optax_cdg import _gains
 from optax_cdg import _transform
-from optax_cdg._transform import DEFAULT_SCALE
-from optax_cdg._transform import DEFAULT_SMOOTHING
 
 
 def with_channel_directed(
     optimizer: optax.GradientTransformation,
-    smoothing: optax.ScalarOrSchedule = DEFAULT_SMOOTHING,
+    smoothing: optax.ScalarOrSchedule = _gains.DEFAULT_SMOOTHING,
     *,
-    metric: _transform.Metric = "sobolev",
-    direction: _selection.Direction = "output",
-    boundary: _transform.Boundary = "periodic",
-    scale: _transform.Scale = DEFAULT_SCALE,
+    metric: _checks.Metric = "sobolev",
+    direction: _checks.Direction = "output",
+    boundary: _checks.Boundary = "periodic",
+    scale: _checks.Scale = _gains.DEFAULT_SCALE,
     kernels: Any = None,
-    method: _transform.Method = "auto",
+    method: _checks.Method = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """Puts channel-directed gradients in front of any optimizer.
 
@@ -73,15 +72,15 @@ def cdg_sgd(
     momentum: float | None = None,
     nesterov: bool = False,
     weight_decay: float | None = None,
-    smoothing: optax.ScalarOrSchedule = DEFAULT_SMOOTHING,
+    smoothing: optax.ScalarOrSchedule = _gains.DEFAULT_SMOOTHING,
     *,
     mask: Any = None,
-    metric: _transform.Metric = "sobolev",
-    direction: _selection.Direction = "output",
-    boundary: _transform.Boundary = "periodic",
-    scale: _transform.Scale = DEFAULT_SCALE,
+    metric: _checks.Metric = "sobolev",
+    direction: _checks.Direction = "output",
+    boundary: _checks.Boundary = "periodic",
+    scale: _checks.Scale = _gains.DEFAULT_SCALE,
     kernels: Any = None,
-    method: _transform.Method = "auto",
+    method: _checks.Method = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD (with momentum and weight decay) on channel-directed gradients.
 
@@ -152,15 +151,15 @@ def cdg_adamw(
     mu_dtype: Any = None,
     weight_decay: float = 1e-4,
     mask: Any = None,
-    smoothing: optax.ScalarOrSchedule = DEFAULT_SMOOTHING,
+    smoothing: optax.ScalarOrSchedule = _gains.DEFAULT_SMOOTHING,
     *,
     nesterov: bool = False,
-    metric: _transform.Metric = "sobolev",
-    direction: _selection.Direction = "output",
-    boundary: _transform.Boundary = "periodic",
-    scale: _transform.Scale = DEFAULT_SCALE,
+    metric: _checks.Metric = "sobolev",
+    direction: _checks.Direction = "output",
+    boundary: _checks.Boundary = "periodic",
+    scale: _checks.Scale = _gains.DEFAULT_SCALE,
     kernels: Any = None,
-    method: _transform.Method = "auto",
+    method: _checks.Method = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW on channel-directed gradients.
 

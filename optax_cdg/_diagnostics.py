@@ -7,37 +7,30 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_cdg import _checks
 from optax_cdg import _operator
 from optax_cdg import _selection
 
 
-class _Spectrum:
-  """Marks a computed spectrum, so that unselected leaves can become None."""
-
-  __slots__ = ("value",)
-
-  def __init__(self, value: jax.Array):
-    self.value = value
-
-
 def _fiber_energy(x: jax.Array, axis: int, boundary: str,
                   normalize: bool) -> jax.Array:
   x = jnp.moveaxis(x.astype(_operator.compute_dtype(x.dtype)), axis, -1)
   n = x.shape[-1]
-  fibers = x.reshape(-1, n)
-  if boundary == "periodic":
-    power = jnp.abs(jnp.fft.rfft(fibers, axis=-1)) ** 2
-    # One-sided spectrum: every bin but 0 and (for even n) n/2 stands for a
-    # pair of conjugate frequencies.
-    weight = jnp.full((n // 2 + 1,), 2.0, power.dtype).at[0].set(1.0)
-    if n % 2 == 0:
-      weight = weight.at[-1].set(1.0)
-    energy = jnp.mean(power, axis=0) * weight / n
-  else:
-    coef = jax.scipy.fft.dct(fibers, type=2, axis=-1, norm="ortho")
-    energy = jnp.mean(coef ** 2, axis=0)
+  if boundary == "neumann":  # the DCT-II's coefficients, from the DFT
+    x = _operator.even_extension(x, (-1,))
+  power = jnp.abs(jnp.fft.rfft(x.reshape(-1, x.shape[-1]), axis=-1)) ** 2
+  # One-sided: every bin but 0 and (for an even length) the last stands for
+  # a pair of conjugate frequencies. The even extension holds the fiber
+  # twice, and its last bin is 0.
+  weight = np.full(power.shape[-1], 2.0)
+  weight[0] = 1.0
+  if x.shape[-1] % 2 == 0:
+    weight[-1] = 1.0
+  energy = jnp.mean(power, axis=0) * (weight / x.shape[-1]).astype(power.dtype)
+  if boundary == "neumann":
+    energy = energy[:n] / 2
   if normalize:
     total = jnp.sum(energy)
     energy = jnp.where(total > 0, energy / jnp.where(total > 0, total, 1.0),
@@ -49,7 +42,7 @@ def channel_spectrum(
     tree: Any,
     kernels: Any = None,
     *,
-    boundary: str = "periodic",
+    boundary: _checks.Boundary = "periodic",
     normalize: bool = False,
 ) -> Any:
   r"""The energy per frequency along the output-channel axis of each kernel.
@@ -104,16 +97,11 @@ def channel_spectrum(
     ...     optax_cdg.spectral_gain(8, 1e-2, scale="unit")[4] ** 2), 4)
     (0.0789, 0.0789)
   """
-  _checks.check_option("boundary", boundary)
+  _checks.check_options(boundary=boundary)
   if not isinstance(normalize, bool):
     raise TypeError(f"normalize={normalize!r} must be a bool.")
   _selection.check_kernels(kernels)
   # Along the output channels: each selected kernel has one axis.
-  out, _ = _selection.map_selected(
-      lambda x, axes: _Spectrum(_fiber_energy(x, axes[0], boundary,
-                                              normalize)),
-      tree, kernels, "output")
-  return jax.tree.map(
-      lambda x: x.value if isinstance(x, _Spectrum) else None, out,
-      is_leaf=lambda x: (isinstance(x, _Spectrum)
-                         or _selection.is_passthrough(x)))
+  return _selection.map_selected(
+      lambda x, axes: _fiber_energy(x, axes[0], boundary, normalize),
+      tree, kernels, "output", rest=lambda x: None)

@@ -53,19 +53,16 @@ def eigenvalues(sizes: Sequence[int], boundary: str, scale: str,
 
 
 def gain(sizes: Sequence[int], lam: float | jax.Array, metric: str,
-         boundary: str, scale: str, extended: bool = False):
+         boundary: str, scale: str, extended: bool = False) -> Any:
   """`spectral_gain` for checked arguments (`extended`: see `eigenvalues`).
 
-  Float64 numpy for a concrete `lam` (a float). For a traced one, a jax
-  array of `lam`'s dtype, all NaN if the metric rejects `lam`: a traced
-  argument cannot raise, so the error must be loud instead.
+  Float64 numpy for a number `lam`, a jax array of `lam`'s dtype for a traced
+  one. A NaN `lam` (an invalid traced one) makes every gain NaN: `lam / lam`
+  is the mean's gain, 1.
   """
-  concrete = isinstance(lam, float)
-  xp: Any = np if concrete else jnp
+  xp: Any = np if isinstance(lam, float) else jnp
   mu = xp.asarray(eigenvalues(sizes, boundary, scale, extended),
-                  np.float64 if concrete else jnp.result_type(lam))
-  if not concrete:  # NaN poisons every gain below, the mean's too
-    lam = jnp.where(_checks.smoothing_valid(lam, metric), lam, jnp.nan)
+                  np.float64 if xp is np else jnp.result_type(lam))
   zero = mu == 0.0  # the constant (mean) mode only
   with np.errstate(divide="ignore", invalid="ignore"):
     if metric == "sobolev":
@@ -133,7 +130,6 @@ def spectral_gain(
     Sundaramoorthi et al., `Sobolev Active Contours
     <https://doi.org/10.1007/s11263-006-0635-2>`_, IJCV 2007.
   """
-  sizes = _checks.sizes(sizes)
   _checks.check_options(metric=metric, boundary=boundary, scale=scale)
-  lam = _checks.check_smoothing(smoothing, metric)
-  return gain(sizes, lam, metric, boundary, scale)
+  return gain(_checks.sizes(sizes), _checks.check_smoothing(smoothing, metric),
+              metric, boundary, scale)

@@ -17,11 +17,9 @@ def torch_layout_permutation(ndim: int) -> tuple[int, ...]:
   Conv kernels `(*spatial, in, out)` become `(out, in, *spatial)` (OIHW); Dense
   kernels `(in, out)` become `(out, in)`; vectors stay as they are.
   """
-  if ndim >= 3:
-    return (ndim - 1, ndim - 2) + tuple(range(ndim - 2))
-  if ndim == 2:
-    return (1, 0)
-  return tuple(range(ndim))
+  if ndim < 2:
+    return tuple(range(ndim))
+  return (ndim - 1, ndim - 2, *range(ndim - 2))
 
 
 def _smooth_flat(x: jax.Array, sigma: float | jax.Array,
@@ -38,7 +36,7 @@ def _smooth_flat(x: jax.Array, sigma: float | jax.Array,
 def laplacian_smoothing(
     sigma: float | jax.Array = 0.5,
     *,
-    method: str = "auto",
+    method: _checks.Method = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Laplacian smoothing of every gradient, flattened in PyTorch's layout.
 
@@ -76,8 +74,8 @@ def laplacian_smoothing(
     Osher et al., `Laplacian Smoothing Gradient Descent
     <https://arxiv.org/abs/1806.06317>`_, 2018.
   """
+  _checks.check_options(method=method, metric="sobolev")
   lam = _checks.check_smoothing(sigma, "sobolev", name="sigma")
-  _checks.check_method(method, "sobolev")
 
   def init_fn(params):
     del params

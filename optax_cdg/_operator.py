@@ -16,8 +16,6 @@ import numpy as np
 from optax_cdg import _checks
 from optax_cdg import _gains
 from optax_cdg import _sharding
-from optax_cdg._gains import DEFAULT_SCALE
-from optax_cdg._gains import DEFAULT_SMOOTHING
 
 
 def compute_dtype(dtype: Any) -> Any:
@@ -25,15 +23,26 @@ def compute_dtype(dtype: Any) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def even_extension(x: jax.Array, axes: Sequence[int]) -> jax.Array:
+  """`[x, reversed x]` along each axis: its DFT is `x`'s DCT-II.
+
+  On it the Laplacian with a reflecting (Neumann) boundary is periodic, so
+  the rfft that serves the periodic boundary serves this one too.
+  """
+  for a in axes:
+    x = jnp.concatenate([x, jnp.flip(x, a)], axis=a)
+  return x
+
+
 def metric_gradient(
     grad: jax.Array,
-    smoothing: Any = DEFAULT_SMOOTHING,
+    smoothing: Any = _gains.DEFAULT_SMOOTHING,
     *,
-    metric: str = "sobolev",
+    metric: _checks.Metric = "sobolev",
     axes: int | Sequence[int] = (-1,),
-    boundary: str = "periodic",
-    scale: str = DEFAULT_SCALE,
-    method: str = "auto",
+    boundary: _checks.Boundary = "periodic",
+    scale: _checks.Scale = _gains.DEFAULT_SCALE,
+    method: _checks.Method = "auto",
 ) -> jax.Array:
   r"""The gradient in a channel-directed metric: `A^{-1} grad` along `axes`.
 
@@ -63,7 +72,7 @@ def metric_gradient(
   Args:
     grad: a real floating-point array.
     smoothing: `lam`, a number or a (possibly traced) scalar; the default is
-      the transform's, `DEFAULT_SMOOTHING`. "sobolev" needs
+      the transform's, `_gains.DEFAULT_SMOOTHING`. "sobolev" needs
       `lam >= 0` (0 is the identity); "sobolev_mean" and "reweighted" need
       `lam > 0` ("reweighted" is the identity at 1).
     metric: "sobolev", "sobolev_mean", "reweighted" or "l2".
@@ -102,29 +111,22 @@ def metric_gradient(
     Sundaramoorthi et al., `Sobolev Active Contours
     <https://doi.org/10.1007/s11263-006-0635-2>`_, IJCV 2007.
   """
-  _checks.check_options(metric=metric, boundary=boundary, scale=scale)
-  lam = _checks.check_smoothing(smoothing, metric)
-  _checks.check_method(method, metric)
-  return apply(grad, lam, metric=metric, axes=axes, boundary=boundary,
-               scale=scale, method=method)
+  _checks.check_options(metric=metric, boundary=boundary, scale=scale,
+                        method=method)
+  return apply(grad, _checks.check_smoothing(smoothing, metric), metric=metric,
+               axes=axes, boundary=boundary, scale=scale, method=method)
 
 
-def apply(
-    grad: jax.Array,
-    lam: float | jax.Array,
-    *,
-    metric: str,
-    axes: int | Sequence[int],
-    boundary: str,
-    scale: str,
-    method: str,
-) -> jax.Array:
-  """`metric_gradient` for checked options and a checked smoothing `lam`.
+def apply(grad: Any, lam: float | jax.Array, *, metric: str,
+          axes: int | Sequence[int], boundary: str, scale: str,
+          method: str) -> jax.Array:
+  """`metric_gradient` for checked options and smoothing `lam`.
 
-  `grad` and `axes` are checked here, where they enter.
+  Fiber-local on every device, however `grad` is sharded: a mesh axis that
+  splits the fibers is moved to another axis while they are transformed.
   """
   grad = _checks.float_array(grad)
-  axes = _checks.axes(axes, grad.ndim)
+  axes = _checks.axes(axes, grad.shape)
   sizes = tuple(grad.shape[a] for a in axes)
   if metric == "l2" or grad.size == 0 or all(n == 1 for n in sizes):
     return grad
@@ -132,21 +134,27 @@ def apply(
   op = Operator(closed, axes, sizes, metric, boundary, scale,
                 compute_dtype(grad.dtype),
                 lam if isinstance(lam, float) else None)
-  # Fiber-local on every device, however the array is sharded.
-  return _sharding.apply_fiberwise(
-      op, grad, jnp.asarray(lam, jnp.result_type(float)))
+  lam = jnp.asarray(lam, jnp.result_type(float))
+  explicit = _sharding.explicit_sharding(grad)
+  if explicit is None:  # automatic sharding, or one device
+    return _sharding.fiberwise_p.bind(grad, lam, op=op, order=0)
+  if not any(explicit[0]):  # replicated: every device computes it all
+    return op(grad, *op.multipliers(lam))
+  return _sharding.shard_mapped(op, grad, lam, *explicit)
 
 
 @dataclasses.dataclass(frozen=True)
 class Operator:
-  """`A^{-1}` on every fiber along `axes`, bilinear in the array and gains.
+  """`A^{-1}` on every fiber along `axes`: linear in the array and in the
+  multipliers of its eigenspaces.
 
-  `gains(lam)` are the operator's linear parameters (the spectral gains, or
-  for the closed form the gains of the mean and of the rest), and
-  `op(x, *gains)` is linear in each, so the derivative with respect to `lam`
-  is `op(x, *d gains / d lam)`. Hashable by value: it is a static argument
-  of the sharded application. A frozen dataclass rather than a NamedTuple:
-  jax < 0.9.2 takes a weak reference to every callable parameter.
+  `multipliers(lam)` are the spectral gains, or for the closed form the
+  multipliers of the fiber's mean and of the rest. `op(x, *multipliers)` is
+  linear in each, so its derivative in `lam` is `op(x, *d multipliers / d
+  lam)`. It acts on each fiber alone and is self-adjoint. Hashable by value:
+  a static argument of the sharded application. A frozen dataclass rather
+  than a NamedTuple: jax < 0.9.2 takes a weak reference to every callable
+  parameter of a primitive.
   """
 
   closed: bool  # mean + (x - mean) / lam instead of the transform
@@ -156,105 +164,90 @@ class Operator:
   boundary: str
   scale: str
   dtype: Any  # the compute dtype
-  smoothing: float | None = None  # a number: the gains are constants
+  smoothing: float | None = None  # a number: the multipliers are constants
 
   def shifted(self, k: int) -> Operator:
     """The same operator on an array with `k` more leading (batch) axes."""
     return dataclasses.replace(self, axes=tuple(a + k for a in self.axes))
 
-  def gains(self, lam: jax.Array,
-            order: int = 0) -> tuple[ArrayLike, ...]:
-    """The linear parameters for `lam`, or their `order`-th derivative."""
+  def multipliers(self, lam: jax.Array,
+                  order: int = 0) -> tuple[ArrayLike, ...]:
+    """The multipliers for `lam`, or their `order`-th derivative in `lam`."""
     if self.smoothing is not None and order == 0:
-      return _constant_gains(dataclasses.replace(self, axes=()))
-    return self.computed_gains(lam, order)
+      # jax's Config stub lacks the options it sets as attributes.
+      device = jax.config.jax_default_device  # type: ignore[attr-defined]
+      return _constants(dataclasses.replace(self, axes=()),
+                        np.dtype(jnp.result_type(float)), device)
+    return self.computed_multipliers(lam, order)
 
-  def computed_gains(self, lam: jax.Array,
-                     order: int = 0) -> tuple[jax.Array, ...]:
-    """`gains` as computed in the program, from a traced `lam`."""
-    def gains(lam):
-      if self.closed:  # the gains of the mean and of the rest
-        rest = jnp.where(_checks.smoothing_valid(lam, self.metric), 1.0 / lam,
-                         jnp.nan)
-        return jnp.ones((), self.dtype), rest.astype(self.dtype)
+  def computed_multipliers(self, lam: jax.Array,
+                           order: int = 0) -> tuple[jax.Array, ...]:
+    """`multipliers` as computed in the program, from a traced `lam`."""
+    def multipliers(lam):
+      if self.closed:
+        return jnp.ones((), self.dtype), (1.0 / lam).astype(self.dtype)
       return (_gains.gain(self.sizes, lam, self.metric, self.boundary,
                           self.scale, extended=self.boundary == "neumann")
               .astype(self.dtype),)
 
     for _ in range(order):
-      gains = functools.partial(
-          lambda f, lam: jax.jvp(f, (lam,), (jnp.ones_like(lam),))[1], gains)
-    return gains(lam)
+      multipliers = functools.partial(
+          lambda f, lam: jax.jvp(f, (lam,), (jnp.ones_like(lam),))[1],
+          multipliers)
+    return multipliers(lam)
 
-  def __call__(self, grad: jax.Array, *gains: ArrayLike) -> jax.Array:
+  def __call__(self, grad: jax.Array, *multipliers: ArrayLike) -> jax.Array:
     x = grad.astype(self.dtype)
     if self.closed:
       mean = jnp.mean(x, axis=self.axes, keepdims=True)
-      mean_gain, rest_gain = (jnp.asarray(g) for g in gains)
+      mean_gain, rest_gain = (jnp.asarray(m) for m in multipliers)
       return (mean_gain * mean + rest_gain * (x - mean)).astype(grad.dtype)
-    if x.ndim >= 3 and self.axes == (x.ndim - 1,):
-      # XLA's CPU convolutions write the gradient of a (*spatial, in, out)
-      # kernel as (in, *spatial, out) in memory: on that view the FFT needs
-      # no transposing copy (ResNet-18's CPU step: 1.030 -> 1.006 times the
-      # plain step, BENCHMARKS.md). Fibers are independent, so the result is
-      # the same; other backends keep the logical order until measured.
-      perm = (x.ndim - 2, *range(x.ndim - 2), x.ndim - 1)
-      back = tuple(int(i) for i in np.argsort(perm))
 
-      def on_the_view(x, *gains):
-        view = jnp.transpose(x, perm)
-        return jnp.transpose(self._fft(view, gains, grad.dtype), back)
+    def transform(x, gains):
+      ext = even_extension(x, self.axes) if self.boundary == "neumann" else x
+      shape = [1] * x.ndim  # the gains along `axes`, broadcast elsewhere
+      for a, n in zip(self.axes, jnp.shape(gains), strict=True):
+        shape[a] = n
+      y = jnp.fft.irfftn(jnp.fft.rfftn(ext, axes=self.axes)
+                         * jnp.reshape(gains, shape),
+                         s=[ext.shape[a] for a in self.axes], axes=self.axes)
+      for a, n in zip(self.axes, self.sizes, strict=True):  # Neumann: 1st half
+        y = jax.lax.slice_in_dim(y, 0, n, axis=a)
+      return y.astype(grad.dtype)
 
-      return jax.lax.platform_dependent(
-          x, *gains, cpu=on_the_view,
-          default=lambda x, *gains: self._fft(x, gains, grad.dtype))
-    return self._fft(x, gains, grad.dtype)
-
-  def _fft(self, x: jax.Array, gains: Sequence[ArrayLike], dtype: Any):
-    """The transform along `axes` of `x` (in the compute dtype)."""
-    if self.boundary == "neumann":
-      # The DCT-II diagonalises the Laplacian with a reflecting boundary: it
-      # is the DFT of the even extension [x, reversed x], where the operator
-      # is periodic (docs/math.md).
-      for a in self.axes:
-        x = jnp.concatenate([x, jnp.flip(x, a)], axis=a)
-    shape = [1] * x.ndim  # the gains along `axes`, broadcast elsewhere
-    for a, n in zip(self.axes, jnp.shape(gains[0]), strict=True):
-      shape[a] = n
-    ext = tuple(x.shape[a] for a in self.axes)
-    y = jnp.fft.irfftn(jnp.fft.rfftn(x, axes=self.axes)
-                       * jnp.reshape(gains[0], shape), s=ext, axes=self.axes)
-    for a, n in zip(self.axes, self.sizes, strict=True):  # Neumann: 1st half
-      y = jax.lax.slice_in_dim(y, 0, n, axis=a)
-    return y.astype(dtype)
-
-
-def _constant_gains(op: Operator) -> tuple[np.ndarray, ...]:
-  """The gains of a number, as constants of the program.
-
-  Computed once, by the compiled function that computes a traced
-  smoothing's gains in the program: the same XLA kernel on the same backend,
-  so a number and a traced smoothing give the same bits, while the step
-  computes nothing for a number (computing the gains in the step cost the
-  ResNet-18 CPU step 3 %).
-  """
-  # The caller's precision and device, which a worker thread does not
-  # inherit.
-  # jax's Config stub lacks its options, which it sets as attributes.
-  device = jax.config.jax_default_device  # type: ignore[attr-defined]
-  return _gains_in_a_thread(op, np.dtype(jnp.result_type(float)), device)
+    if x.ndim < 3 or self.axes != (x.ndim - 1,):
+      return transform(x, *multipliers)
+    # XLA's CPU convolutions write the gradient of a (*spatial, in, out)
+    # kernel as (in, *spatial, out) in memory: on that view the FFT needs no
+    # transposing copy (ResNet-18's CPU step: 1.030 -> 1.006 times the plain
+    # step, BENCHMARKS.md). Fibers are independent, so the result is the
+    # same; other backends keep the logical order until measured.
+    perm = (x.ndim - 2, *range(x.ndim - 2), x.ndim - 1)
+    back = tuple(int(i) for i in np.argsort(perm))
+    return jax.lax.platform_dependent(
+        x, *multipliers, default=transform,
+        cpu=lambda x, gains: jnp.transpose(
+            transform(jnp.transpose(x, perm), gains), back))
 
 
 @functools.lru_cache(maxsize=1024)
-def _gains_in_a_thread(op: Operator, lam_dtype: np.dtype,
-                       device: Any) -> tuple[np.ndarray, ...]:
-  """`_constant_gains` in a thread of its own: outside the caller's trace,
-  mesh and manual axes (a shard_map body, other processes' devices)."""
+def _constants(op: Operator, lam_dtype: np.dtype,
+               device: Any) -> tuple[np.ndarray, ...]:
+  """The multipliers of a number, as constants of the program.
+
+  Computed once, by the compiled function that computes a traced
+  smoothing's in the program: the same XLA kernel on the same backend, so a
+  number and a traced smoothing give the same bits, while the step computes
+  nothing for a number (computing them in the step cost the ResNet-18 CPU
+  step 3 %). In a thread of its own, outside the caller's trace, mesh and
+  manual axes (a shard_map body, other processes' devices), with the
+  caller's precision and default device, which a thread does not inherit.
+  """
   lam = np.asarray(op.smoothing, lam_dtype)
 
   def compute() -> tuple[np.ndarray, ...]:
     with jax.enable_x64(lam_dtype == np.float64), jax.default_device(device):
-      return tuple(np.asarray(g) for g in jax.jit(op.computed_gains)(lam))
+      return tuple(map(np.asarray, jax.jit(op.computed_multipliers)(lam)))
 
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     return pool.submit(compute).result()

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 import functools
 import importlib
-import os
+import numbers
 import re
 import sys
-import types
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 import warnings
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-Direction = Literal["output", "input", "spatial"]
+from optax_cdg import _checks
 
 
 class KernelSpec(NamedTuple):
@@ -30,8 +29,8 @@ class KernelSpec(NamedTuple):
     output_axis: the output-channel axis: -1 for Flax's `Conv`, `ConvLocal`
       and `ConvTranspose`; -2 for `ConvTranspose(transpose_kernel=True)`;
       0 for OIHW (Equinox, PyTorch) kernels.
-    stacked_axes: how many leading axes stack layers (`nn.scan`, `nnx.vmap`,
-      `eqx.filter_vmap`, ...): neither channel nor spatial axes.
+    num_stacked_axes: how many leading axes stack layers (`nn.scan`,
+      `nnx.vmap`, `eqx.filter_vmap`, ...): neither channel nor spatial axes.
     input_axis: the input-channel axis, needed only by `direction="input"`
       and `"spatial"`. None means the other of the last two axes when
       `output_axis` is one of them (Flax's layouts), and is an error for
@@ -41,7 +40,7 @@ class KernelSpec(NamedTuple):
     >>> import jax.numpy as jnp
     >>> import optax_cdg
     >>> optax_cdg.KernelSpec(output_axis=0, input_axis=1)  # OIHW
-    KernelSpec(output_axis=0, stacked_axes=0, input_axis=1)
+    KernelSpec(output_axis=0, num_stacked_axes=0, input_axis=1)
     >>> w = jnp.arange(8.0)[:, None, None, None] * jnp.ones((8, 4, 3, 3))
     >>> tx = optax_cdg.channel_directed(
     ...     1e-2, direction="input",
@@ -52,7 +51,7 @@ class KernelSpec(NamedTuple):
   """
 
   output_axis: int = -1
-  stacked_axes: int = 0
+  num_stacked_axes: int = 0
   input_axis: int | None = None
 
 
@@ -85,8 +84,7 @@ class NoKernelsSelectedWarning(UserWarning):
 
 def is_spec_leaf(x: Any) -> bool:
   """A value of a `kernels` tree: None, a bool, an output axis or a spec."""
-  return x is None or isinstance(
-      x, (bool, int, np.bool_, np.integer, KernelSpec))
+  return x is None or isinstance(x, (bool, numbers.Integral, KernelSpec))
 
 
 def is_passthrough(x: Any) -> bool:
@@ -96,8 +94,8 @@ def is_passthrough(x: Any) -> bool:
 
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:
   """The names along a key path, without the `.value` of an nnx Variable."""
-  if path and getattr(path[-1], "name", None) == "value" and isinstance(
-      path[-1], jax.tree_util.GetAttrKey):
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
+      path[-1].name == "value"):
     path = path[:-1]
   return tuple(str(next((getattr(k, a) for a in ("key", "name", "idx")
                          if hasattr(k, a)), k)) for k in path)
@@ -113,28 +111,19 @@ _NOT_CONV = re.compile(
     r"|MultiHeadDotProductAttention|MultiHeadAttention|SelfAttention)"
     r"(_\d+)?))$")
 
-
-def _looks_like_conv_kernel(path: Sequence[Any], leaf: Any) -> bool:
-  names = path_names(path)
-  return (bool(names) and names[-1] == "kernel" and hasattr(leaf, "ndim")
-          and leaf.ndim >= 3 and jnp.issubdtype(leaf.dtype, jnp.floating)
-          and not any(_NOT_CONV.match(n) for n in names[:-1]))
-
-
 STATIC_ARGS_HINT = (
-    "optax.inject_hyperparams treats every callable argument as a schedule "
-    "and calls it with the step count: pass static_args=(\"kernels\",) to "
-    "optax.inject_hyperparams.")
+    "optax.inject_hyperparams calls every callable argument with the step "
+    "count: pass static_args=(\"kernels\",) to it.")
 
 
 def reject_step_count(tree: Any, who: str) -> None:
-  """A TypeError naming `static_args` for the step count, not a tree.
+  """A TypeError naming `static_args` when `tree` is a step count.
 
   `optax.inject_hyperparams` calls every callable argument with it; a
-  selection would select nothing and make the transform the identity.
+  selection of it would select nothing, silently.
   """
-  if (isinstance(tree, (jax.Array, np.ndarray, np.integer))
-      and np.ndim(tree) == 0 and jnp.issubdtype(tree.dtype, jnp.integer)):
+  if isinstance(tree, (jax.Array, np.ndarray, np.integer)) and (
+      np.ndim(tree) == 0 and jnp.issubdtype(tree.dtype, jnp.integer)):
     raise TypeError(f"{who} was called with {tree!r}, a scalar integer, "
                     f"instead of a tree of updates. {STATIC_ARGS_HINT}")
 
@@ -148,8 +137,7 @@ def _equinox_conv(module: Any) -> Any:
           if k >= 0 and jnp.issubdtype(w.dtype, jnp.floating) else False)
   return jax.tree_util.tree_map_with_path(
       lambda p, x: x if is_passthrough(x) else (
-          spec if [getattr(q, "name", None) for q in p] == ["weight"]
-          else False),
+          spec if path_names(p) == ("weight",) else False),
       module, is_leaf=is_passthrough)
 
 
@@ -194,19 +182,23 @@ def conv_kernels(tree: Any) -> Any:
   reject_step_count(tree, "conv_kernels")
   eqx = sys.modules.get("equinox")  # imported by the user if modules exist
   convs = (eqx.nn.Conv, eqx.nn.ConvTranspose) if eqx else ()
-  modules = (eqx.Module,) if eqx else ()
 
-  def inside(x):  # in an Equinox module, only its convs
-    return jax.tree.map(
-        lambda y: y if is_passthrough(y) else (
-            _equinox_conv(y) if isinstance(y, convs) else False),
-        x, is_leaf=lambda y: is_passthrough(y) or isinstance(y, convs))
+  def select(path, x):
+    if is_passthrough(x):
+      return x
+    if eqx and isinstance(x, eqx.Module):  # in a module, only its convs
+      return jax.tree.map(
+          lambda y: y if is_passthrough(y) else (
+              _equinox_conv(y) if isinstance(y, convs) else False),
+          x, is_leaf=lambda y: is_passthrough(y) or isinstance(y, convs))
+    names = path_names(path)
+    return (bool(names) and names[-1] == "kernel" and np.ndim(x) >= 3
+            and jnp.issubdtype(getattr(x, "dtype", object), jnp.floating)
+            and not any(_NOT_CONV.match(n) for n in names[:-1]))
 
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: x if is_passthrough(x) else (
-          inside(x) if isinstance(x, modules)
-          else _looks_like_conv_kernel(p, x)),
-      tree, is_leaf=lambda x: is_passthrough(x) or isinstance(x, modules))
+      select, tree, is_leaf=lambda x: is_passthrough(x) or (
+          eqx is not None and isinstance(x, eqx.Module)))
 
 
 class PathSelection:
@@ -235,24 +227,18 @@ class PathSelection:
       seen.add(names)
       spec, shape = self.specs[names]
       if not is_passthrough(leaf) and tuple(leaf.shape) != shape:
-        raise ValueError(
-            f"kernels: the {self.source} recorded {'/'.join(names)} with "
-            f"shape {shape}, but the updates hold shape {tuple(leaf.shape)} "
-            "there.")
+        raise ValueError(f"kernels: the {self.source} has {format_path(path)}"
+                         f" of shape {shape}; the updates, {leaf.shape}.")
       return spec
 
     out = jax.tree_util.tree_map_with_path(select, updates,
                                            is_leaf=is_passthrough)
     if self.specs and not seen:
-      got = [format_path(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(updates)[0][:3]]
-      want = ["/".join(p) for p in list(self.specs)[:3]]
       raise ValueError(
-          f"kernels: none of the {len(self.specs)} conv kernels recorded from "
-          f"the {self.source} is in the updates (recorded paths such as "
-          f"{want}; update paths such as {got}). Pass the parameters tree "
-          "itself, as `module.init(...)['params']` or `nnx.state(model, "
-          "nnx.Param)`.")
+          f"kernels: none of the {len(self.specs)} conv kernels of the "
+          f"{self.source} (such as {'/'.join(next(iter(self.specs)))}) is in "
+          "the updates: pass its parameters, `module.init(...)['params']` or "
+          "`nnx.state(model, nnx.Param)`.")
     return out
 
 
@@ -269,14 +255,11 @@ def _import_flax(name: str, helper: str) -> Any:
 def _record(specs: Recorded, names: tuple[str, ...], shape: Sequence[int],
             inner: Sequence[int], transposed: bool) -> None:
   """Records a conv kernel of per-layer shape `inner`, stacked to `shape`."""
-  shape, inner = tuple(shape), tuple(inner)
   stacked = len(shape) - len(inner)
-  if stacked < 0 or shape[stacked:] != inner:
-    raise ValueError(
-        f"kernels: cannot place the kernel {'/'.join(names)} of per-layer "
-        f"shape {inner} in its parameter of shape {shape}: only stacking "
-        "along leading axes is supported.")
-  specs[names] = (KernelSpec(-2 if transposed else -1, stacked), shape)
+  if stacked < 0 or tuple(shape[stacked:]) != tuple(inner):  # not leading
+    raise ValueError(f"kernels: {'/'.join(names)} of shape {tuple(shape)} "
+                     f"does not stack its layers' {tuple(inner)}.")
+  specs[names] = (KernelSpec(-2 if transposed else -1, stacked), tuple(shape))
 
 
 def linen_conv_kernels(module: Any, *example_args: Any,
@@ -317,7 +300,7 @@ def linen_conv_kernels(module: Any, *example_args: Any,
     >>> kernels(params["params"])["proj"]["kernel"]  # the guess would take it
     False
     >>> kernels(params["params"])["Conv_0"]["kernel"]
-    KernelSpec(output_axis=-1, stacked_axes=0, input_axis=None)
+    KernelSpec(output_axis=-1, num_stacked_axes=0, input_axis=None)
   """
   nn = _import_flax("flax.linen", "linen_conv_kernels")
   if not isinstance(module, nn.Module):
@@ -398,125 +381,89 @@ def nnx_conv_kernels(model: Any) -> PathSelection:
   return PathSelection(specs, f"nnx model {type(model).__name__}")
 
 
-def _spec_error(spec: Any, path: Sequence[Any]) -> TypeError:
-  """The error for a value of a `kernels` argument that selects nothing."""
-  what, hint = repr(spec), ""
-  if len(what) > 60:
-    what = f"a {type(spec).__name__}"
-  if hasattr(spec, "shape") and hasattr(spec, "dtype"):
-    what = f"an array of shape {tuple(spec.shape)} and dtype {spec.dtype}"
-    hint = (f" {STATIC_ARGS_HINT}" if np.ndim(spec) == 0 else  # a step count
-            " It looks like the parameters or gradients themselves: pass "
-            "a selection of them, such as optax_cdg.conv_kernels(params).")
-  if not path:
-    return TypeError(
-        f"kernels={what} is not a selection of conv kernels. Pass "
-        "kernels=None to guess them from the parameters' names and shapes, "
-        "a model's exact selection (optax_cdg.linen_conv_kernels(module, x) "
-        "or optax_cdg.nnx_conv_kernels(model)), or a dict shaped like the "
-        "parameters with True, False, an output axis (int) or an "
-        f"optax_cdg.KernelSpec for each kernel.{hint}")
+def _spec_error(value: Any, path: Sequence[Any]) -> TypeError:
+  """The error for a value of a `kernels` argument that is not a selection."""
+  what = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
+  hint = ""
+  if hasattr(value, "shape") and hasattr(value, "dtype"):
+    what = f"an array of shape {value.shape} and dtype {value.dtype}"
+    hint = (f" {STATIC_ARGS_HINT}" if np.ndim(value) == 0 else  # a step count
+            " (The parameters themselves? Pass conv_kernels(params).)")
+  head = (f"kernels gives {what} for {format_path(path)}: pass" if path else
+          f"kernels={what} is not a selection of conv kernels. Pass")
   return TypeError(
-      f"kernels gives {what} for {format_path(path)}: each value of a "
-      "kernels dict is True, False, None, an output axis (int) or an "
-      "optax_cdg.KernelSpec. Or pass kernels=None to guess the conv kernels "
-      f"from the parameters' names and shapes.{hint}")
-
-
-def _axis(value: Any, name: str, where: str, shape: tuple[int, ...]) -> int:
-  """A normalized axis of a leaf of `shape`, or a clear ValueError."""
-  ndim = len(shape)
-  value = int(value) if isinstance(value, np.integer) else value
-  if isinstance(value, bool) or not isinstance(value, int) or not (
-      -ndim <= value < ndim):
-    raise ValueError(
-        f"kernels: the {name} {value!r} at {where} (shape {shape}) is not an "
-        f"axis of it: allowed -{ndim} .. {ndim - 1}.")
-  return value % ndim
-
-
-def _selects_nothing(spec: Any) -> bool:
-  return spec is None or spec is False or spec is np.False_
+      f"{head} kernels=None to guess them from the parameters' names "
+      "and shapes, a model's selection (linen_conv_kernels(module, x), "
+      "nnx_conv_kernels(model)), or a dict shaped like the parameters with "
+      f"True, False, an output axis (int) or a KernelSpec at each.{hint}")
 
 
 def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
                  direction: str) -> tuple[int, ...] | None:
-  """The axes a spec value selects on a leaf, or None if it selects none."""
-  if _selects_nothing(spec):
+  """The axes a `kernels` value selects on a leaf, or None if it selects none.
+
+  The value is None, a bool, an output axis (int) or a KernelSpec.
+  """
+  if spec is None or spec is False:
     return None
-  where = format_path(path)
-  if spec is True or spec is np.True_:
-    spec = KernelSpec()
-  elif isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
-    spec = KernelSpec(output_axis=int(spec))
+  if spec is True or isinstance(spec, numbers.Integral):
+    spec = KernelSpec(-1 if spec is True else int(spec))
   elif not isinstance(spec, KernelSpec):
     raise _spec_error(spec, path)
-  if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype,
-                                                      jnp.floating):
-    what = (f"has dtype {leaf.dtype}" if hasattr(leaf, "dtype") else
-            f"is a {type(leaf).__name__}, not an array")
+  where, dtype = format_path(path), getattr(leaf, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    what = f"is a {type(leaf).__name__}, not an array" if dtype is None else (
+        f"has dtype {dtype}")
     raise TypeError(f"kernels selects {where}, which {what}; only real "
                     "floating-point arrays can be transformed.")
-  shape = tuple(leaf.shape)
-  ndim = len(shape)
-  if ndim < 2:
-    raise ValueError(
-        f"kernels selects {where} of shape {shape}; a selected array needs "
-        "at least 2 dimensions (input and output channels).")
-  stacked = spec.stacked_axes
-  stacked = int(stacked) if isinstance(stacked, np.integer) else stacked
-  if isinstance(stacked, bool) or not isinstance(stacked, int) or not (
-      0 <= stacked <= ndim - 2):
-    raise ValueError(f"kernels: stacked_axes={stacked!r} at {where} (shape "
-                     f"{shape}) must be an int in 0 .. {ndim - 2}.")
-  out = _axis(spec.output_axis, "output axis", where, shape)
-  inp: int | None
-  if spec.input_axis is not None:
-    inp = _axis(spec.input_axis, "input axis", where, shape)
-  else:  # Flax layouts: the other of the last two axes.
-    inp = (2 * ndim - 3) - out if out >= ndim - 2 else None
-  for name, axis in (("output", out), ("input", inp)):
-    if axis is not None and axis < stacked:
-      raise ValueError(
-          f"kernels: the {name} axis {axis} at {where} (shape {shape}) is "
-          f"one of its {stacked} stacked (layer) axes.")
+  shape, stacked = tuple(leaf.shape), spec.num_stacked_axes
+  if len(shape) < 2:
+    raise ValueError(f"kernels selects {where} of shape {shape}; a selected "
+                     "array needs at least 2 dimensions (in and out channels).")
+  if not 0 <= stacked <= len(shape) - 2:
+    raise ValueError(f"kernels: num_stacked_axes={stacked!r} at {where} "
+                     f"(shape {shape}) must be in 0 .. {len(shape) - 2}.")
+
+  def axis(value, name):
+    label = f"kernels: the {name} axis {value!r} at {where}"
+    (a,) = _checks.axes((value,), shape, label)
+    if a < stacked:
+      raise ValueError(f"{label} is one of its {stacked} stacked axes.")
+    return a
+
+  out = axis(spec.output_axis, "output")
+  inp = (axis(spec.input_axis, "input") if spec.input_axis is not None else
+         2 * len(shape) - 3 - out if out >= len(shape) - 2 else None)  # Flax
   if inp == out:
-    raise ValueError(
-        f"kernels: the input axis at {where} (shape {shape}) is its output "
-        f"axis {out}; they must differ.")
+    raise ValueError(f"kernels: the input axis at {where} is its output axis "
+                     f"{out}; they must differ.")
   if direction == "output":
     return (out,)
   if inp is None:
     raise ValueError(
-        f"direction={direction!r} needs the input-channel axis, but the "
-        f"kernels value at {where} (shape {shape}) names output_axis={out}, "
-        "not one of the last two axes, and no input_axis: pass "
-        f"KernelSpec(output_axis={out}, input_axis=...), for OIHW kernels "
-        f"input_axis={out + 1}.")
+        f"direction={direction!r} needs the input-channel axis of {where} "
+        f"(shape {shape}): pass KernelSpec(output_axis={out}, input_axis=...)"
+        f", input_axis={out + 1} for OIHW.")
   if direction == "input":
     return (inp,)
-  spatial = tuple(a for a in range(stacked, ndim) if a not in (out, inp))
+  spatial = tuple(a for a in range(stacked, len(shape)) if a not in (out, inp))
   if not spatial:
-    raise ValueError(
-        f"direction='spatial' needs spatial axes, but the kernel at {where} "
-        f"has shape {shape} with {stacked} stacked axes and none besides its "
-        "two channel axes.")
+    raise ValueError(f"direction='spatial' needs spatial axes; {where} of "
+                     f"shape {shape} has only channel and stacked axes.")
   return spatial
 
 
-def map_selected(fn: Callable[[jax.Array, tuple[int, ...]], Any],
-                 updates: Any, kernels: Any, direction: str) -> Any:
-  """`fn(leaf, axes)` on every leaf a `kernels` argument selects.
-
-  Every other leaf comes back as the very same object. Returns the new tree
-  and whether anything was selected.
-  """
+def map_selected(fn: Callable[[Any, tuple[int, ...]], Any], updates: Any,
+                 kernels: Any, direction: str,
+                 rest: Callable[[Any], Any] = lambda x: x) -> Any:
+  """`fn(leaf, axes)` on every leaf a `kernels` argument selects, `rest(leaf)`
+  on every other one (the very same object, by default)."""
   if kernels is None:
     kernels = conv_kernels(updates)
   elif callable(kernels):
     kernels = kernels(updates)
-  specs, treedef = jax.tree_util.tree_flatten_with_path(kernels,
-                                                        is_leaf=is_spec_leaf)
+  specs, treedef = jax.tree_util.tree_flatten_with_path(
+      kernels, is_leaf=lambda x: is_spec_leaf(x) or is_passthrough(x))
   try:
     # PyTreeDef comes from jaxlib's extension, which ships no type stubs.
     subtrees = treedef.flatten_up_to(updates)  # type: ignore[attr-defined]
@@ -526,88 +473,50 @@ def map_selected(fn: Callable[[jax.Array, tuple[int, ...]], Any],
         "parameters' keys and nesting (a True, False or KernelSpec value may "
         "stand for a whole sub-dict). Or pass kernels=None to guess the conv "
         f"kernels. They differ: {e}") from e
-  selected = False
 
   def one(path, spec, p, x):
-    nonlocal selected
     axes = None if is_passthrough(x) else resolve_spec(spec, path + p, x,
                                                        direction)
-    if axes is None:
-      return x
-    selected = True
-    return fn(x, axes)
+    return rest(x) if axes is None else fn(x, axes)
 
-  out = [sub if _selects_nothing(spec) else
-         jax.tree_util.tree_map_with_path(functools.partial(one, path, spec),
+  out = [jax.tree_util.tree_map_with_path(functools.partial(one, path, spec),
                                           sub, is_leaf=is_passthrough)
          for (path, spec), sub in zip(specs, subtrees, strict=True)]
-  return jax.tree_util.tree_unflatten(treedef, out), selected
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def check_kernels(kernels: Any) -> None:
   """The build-time check of a `kernels` argument."""
-  flax, eqx = sys.modules.get("flax"), sys.modules.get("equinox")
-  nnx, linen = getattr(flax, "nnx", None), getattr(flax, "linen", None)
-  if nnx and isinstance(kernels, nnx.Module):
-    hint = "kernels=optax_cdg.nnx_conv_kernels(model)"
-  elif linen and isinstance(kernels, linen.Module):
-    hint = ("kernels=optax_cdg.linen_conv_kernels(module, x), with x an "
-            "example input")
-  elif eqx and isinstance(kernels, eqx.Module):
-    hint = ("kernels=None, which selects the weight of every Equinox Conv "
-            "and ConvTranspose exactly")
-  else:
-    hint = None
-  if hint:
+  libs = (sys.modules.get("flax.nnx"), sys.modules.get("flax.linen"),
+          sys.modules.get("equinox"))
+  if any(lib and isinstance(kernels, lib.Module) for lib in libs):
     raise TypeError(
         f"kernels={type(kernels).__name__}(...) is a model, not a selection "
-        f"of its conv kernels: pass {hint}.")
-  if kernels is None or callable(kernels):
-    return
-  for path, spec in jax.tree_util.tree_flatten_with_path(
-      kernels, is_leaf=is_spec_leaf)[0]:
-    if not is_spec_leaf(spec):
-      raise _spec_error(spec, path)
+        "of its conv kernels: pass optax_cdg.nnx_conv_kernels(model), "
+        "optax_cdg.linen_conv_kernels(module, x) or, for Equinox, None.")
+  if kernels is not None and not callable(kernels):
+    for path, spec in jax.tree_util.tree_flatten_with_path(
+        kernels, is_leaf=is_spec_leaf)[0]:
+      if not is_spec_leaf(spec):
+        raise _spec_error(spec, path)
 
 
 def warn_nothing_selected(updates: Any, kernels: Any) -> None:
   """Warns (NoKernelsSelectedWarning) when `updates` hold arrays."""
-  arrays = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(
-      updates, is_leaf=is_passthrough)[0] if hasattr(x, "shape")]
-  if not arrays:  # nothing that could have been transformed
-    return
-  seen = ", ".join(f"{format_path(p)} {tuple(x.shape)}" for p, x in arrays[:2])
-  more = f", +{len(arrays) - 2}" if len(arrays) > 2 else ""
-  if kernels is None:
-    what = "kernels=None (the guess)"
-  elif callable(kernels):
-    name = getattr(kernels, "__name__", type(kernels).__name__)
-    what = f"kernels={name}"
-  else:
-    what = "the kernels dict"
-  hint = (" Through optax.inject_hyperparams it needs "
-          "static_args=(\"kernels\",)." if callable(kernels) else "")
-  warnings.warn(
-      f"channel_directed changed nothing: {what} selected none of the "
-      f"{len(arrays)} arrays ({seen}{more}). Pass "
-      "kernels=optax_cdg.linen_conv_kernels(module, x), "
-      "optax_cdg.nnx_conv_kernels(model) or a dict such as "
-      "{'conv': {'w': True}} "
-      f"(OIHW: KernelSpec(output_axis=0, input_axis=1)).{hint}",
-      NoKernelsSelectedWarning, stacklevel=_user_stacklevel())
-
-
-def _user_stacklevel() -> int:
-  """The `stacklevel` of the innermost frame outside the libraries.
-
-  So that the warning names the user's line, not Optax's chain.
-  """
-  dirs = tuple(os.path.dirname(path) + os.sep for m in (
-      jax, optax, np, sys.modules[__package__], sys.modules.get("flax"),
-      sys.modules.get("equinox")) if m is not None and (path := m.__file__))
-  # Frame 2 is warn_nothing_selected's caller, stacklevel 2.
-  frame: types.FrameType | None = sys._getframe(2)  # pylint: disable=protected-access
-  level = 2
-  while frame is not None and frame.f_code.co_filename.startswith(dirs):
-    frame, level = frame.f_back, level + 1
-  return level if frame is not None else 2
+  arrays = [f"{format_path(p)} {x.shape}" for p, x in
+            jax.tree_util.tree_flatten_with_path(updates)[0]
+            if hasattr(x, "shape")]
+  if arrays:  # else nothing could have been transformed
+    what = ("kernels=None (the guess)" if kernels is None else
+            f"kernels={getattr(kernels, '__name__', 'a callable')}"
+            if callable(kernels) else "the kernels dict")
+    warnings.warn(
+        f"channel_directed changed nothing: {what} selected none of the "
+        f"{len(arrays)} arrays ({', '.join(arrays[:2])}"
+        f"{', ...' if len(arrays) > 2 else ''}). Pass kernels="
+        "optax_cdg.linen_conv_kernels(module, x), "
+        "optax_cdg.nnx_conv_kernels(model) or a dict such as "
+        "{'conv': {'w': True}} (OIHW: KernelSpec(output_axis=0, "
+        "input_axis=1))." + (" Through optax.inject_hyperparams it needs "
+                             "static_args=(\"kernels\",)." if callable(kernels)
+                             else ""), NoKernelsSelectedWarning, stacklevel=3)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import math
-from typing import Protocol
+from typing import Any, TYPE_CHECKING
 
 import jax
 from jax._src import dispatch  # the registry named where it is used
@@ -39,40 +39,19 @@ import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from jax.typing import ArrayLike
 
-
-class FiberFn(Protocol):
-  """What this module needs of the operator (`_operator.Operator`).
-
-  `fn(x, *fn.gains(lam))` acts on each fiber along `fn.axes` (sorted,
-  non-negative) alone, linear and self-adjoint in `x`. It hashes and compares
-  by value: it is a static argument of custom_partitioning and a parameter
-  of the primitive, both cached on it.
-  """
-
-  @property
-  def axes(self) -> tuple[int, ...]: ...
-
-  def __call__(self, x: jax.Array, /, *gains: ArrayLike) -> jax.Array: ...
-
-  def gains(self, lam: jax.Array,
-            order: int = 0) -> tuple[ArrayLike, ...]:
-    """The gains for `lam`, or their `order`-th derivative in `lam`."""
-
-  def shifted(self, k: int) -> FiberFn:
-    """The same operator on an array with `k` more leading axes."""
+if TYPE_CHECKING:
+  from optax_cdg._operator import Operator
 
 
 _SpecEntries = list[tuple[str, ...]]
 
 
-def _entries(spec, ndim: int) -> _SpecEntries:
-  out = []
-  for e in tuple(spec) + (None,) * (ndim - len(tuple(spec))):
-    out.append(() if e is None
-               else tuple(e) if isinstance(e, tuple) else (e,))
-  return out
+def _entries(spec: P, ndim: int) -> _SpecEntries:
+  """The mesh axes of each array axis, as tuples (empty: not sharded)."""
+  padded = (*spec, *(None,) * (ndim - len(spec)))
+  return [() if e is None else tuple(e) if isinstance(e, tuple) else (e,)
+          for e in padded]
 
 
 def _to_spec(entries: _SpecEntries) -> P:
@@ -112,7 +91,7 @@ def plan_moves(
   return inner, moves
 
 
-def _explicit_entries(x: jax.Array) -> tuple[_SpecEntries, object] | None:
+def explicit_sharding(x: jax.Array) -> tuple[_SpecEntries, Any] | None:
   """The spec entries and mesh of an explicitly sharded array, or None.
 
   On a mesh whose axes are all explicit, a replicated array has entries that
@@ -130,8 +109,10 @@ def _explicit_entries(x: jax.Array) -> tuple[_SpecEntries, object] | None:
   return entries, mesh
 
 
-def _shard_map_path(fn: FiberFn, x, lam, entries, mesh):
-  _, moves = plan_moves(entries, x.shape, fn.axes, dict(mesh.shape))
+def shard_mapped(op: Operator, x: jax.Array, lam: jax.Array,
+                 entries: _SpecEntries, mesh: Any) -> jax.Array:
+  """`op` on an explicitly sharded `x`, shard by shard (`shard_map`)."""
+  _, moves = plan_moves(entries, x.shape, op.axes, dict(mesh.shape))
 
   def body(xl, lam):
     for names, a, dest in moves:
@@ -140,7 +121,7 @@ def _shard_map_path(fn: FiberFn, x, lam, entries, mesh):
       else:
         xl = jax.lax.all_to_all(xl, names, split_axis=dest, concat_axis=a,
                                 tiled=True)
-    y = fn(xl, *fn.gains(lam))
+    y = op(xl, *op.multipliers(lam))
     for names, a, dest in reversed(moves):
       if dest is None:
         chunk = y.shape[a] // math.prod(mesh.shape[n] for n in names)
@@ -156,34 +137,34 @@ def _shard_map_path(fn: FiberFn, x, lam, entries, mesh):
                        out_specs=spec)(x, lam)
 
 
-def _partition(fn, mesh, arg_shapes, result_shape):
+def _partition(op, mesh, arg_shapes, result_shape):
   del result_shape
   x = arg_shapes[0]
   if isinstance(x.sharding, NamedSharding):
     spec, _ = plan_moves(_entries(x.sharding.spec, len(x.shape)), x.shape,
-                         fn.axes, dict(x.sharding.mesh.shape))
+                         op.axes, dict(x.sharding.mesh.shape))
     inner = NamedSharding(x.sharding.mesh, _to_spec(spec))
-  elif all(x.sharding.shard_shape(x.shape)[a] == x.shape[a] for a in fn.axes):
+  elif all(x.sharding.shard_shape(x.shape)[a] == x.shape[a] for a in op.axes):
     inner = x.sharding  # fibers whole on each device: run it where it lies
   else:
     raise ValueError(
         f"optax_cdg cannot move the fibers of an array of shape {x.shape} "
-        f"split along its transform axes {fn.axes} by a "
+        f"split along its transform axes {op.axes} by a "
         f"{type(x.sharding).__name__}; shard it with a NamedSharding, or "
         "leave the transform axes unsplit.")
-  gains = tuple(NamedSharding(mesh, P()) for _ in arg_shapes[1:])
-  return mesh, fn, inner, (inner, *gains)
+  replicated = tuple(NamedSharding(mesh, P()) for _ in arg_shapes[1:])
+  return mesh, op, inner, (inner, *replicated)
 
 
-def _rule(fn, mesh, arg_types, result_types):
-  del fn, mesh, result_types
+def _rule(op, mesh, arg_types, result_types):
+  del op, mesh, result_types
   names = [" ".join(f"a{j}_{i}" for i in range(len(t.shape)))
            for j, t in enumerate(arg_types)]
   return ", ".join(names) + " -> " + names[0]
 
 
-def _call(fn, x, *gains):
-  return fn(x, *gains)
+def _call(op, x, *multipliers):
+  return op(x, *multipliers)
 
 
 _partitioned = custom_partitioning(_call, static_argnums=(0,))
@@ -191,77 +172,61 @@ _partitioned.def_partition(
     partition=_partition, sharding_rule=_rule,
     # The result keeps the input's sharding.
     infer_sharding_from_operands=(
-        lambda fn, mesh, args, result: args[0].sharding))
+        lambda op, mesh, args, result: args[0].sharding))
 
 
-# `fiberwise_p.bind(x, lam, fn=fn, order=k)` is `fn(x, *d^k gains / d lam^k)`:
-# a primitive, so that every transformation has a rule. It is linear and
-# self-adjoint in `x` (its transpose is itself) and its derivative in `lam`
-# is the same primitive one order up, so derivatives of any order, forward
-# or reverse, stay partitioned. It lowers through custom_partitioning, which
-# has no rules of its own.
+# `fiberwise_p.bind(x, lam, op=op, order=k)` is `op(x, *d^k multipliers /
+# d lam^k)`: a primitive, so that every transformation has a rule. It is
+# linear and self-adjoint in `x` (its transpose is itself) and its
+# derivative in `lam` is the same primitive one order up, so derivatives of
+# any order, forward or reverse, stay partitioned. It lowers through
+# custom_partitioning, which has no rules of its own.
 fiberwise_p = jax_core.Primitive("cdg_fiberwise")
 fiberwise_p.def_abstract_eval(lambda x, lam, **_: x)
 
 
-def _bind_partitioned(x, lam, *, fn, order):
-  return _partitioned(fn, x, *fn.gains(lam, order))
+def _bind_partitioned(x, lam, *, op, order):
+  return _partitioned(op, x, *op.multipliers(lam, order))
 
 
 # Lowering custom_partitioning needs the device assignment, which jit gives
 # only to primitives in this registry (as JAX does for custom_partitioning).
 dispatch.prim_requires_devices_during_lowering.add(fiberwise_p)
 fiberwise_p.def_impl(
-    jax.jit(_bind_partitioned, static_argnames=("fn", "order")))
+    jax.jit(_bind_partitioned, static_argnames=("op", "order")))
 mlir.register_lowering(fiberwise_p, mlir.lower_fun(_bind_partitioned,
                                                    multiple_results=False))
 ad.defjvp(
     fiberwise_p,
-    lambda tx, x, lam, *, fn, order: fiberwise_p.bind(
-        tx, lam, fn=fn, order=order),
-    lambda tlam, x, lam, *, fn, order: (fiberwise_p.bind(
-        x, lam, fn=fn, order=order + 1) * tlam).astype(x.dtype))
+    lambda tx, x, lam, *, op, order: fiberwise_p.bind(
+        tx, lam, op=op, order=order),
+    lambda tlam, x, lam, *, op, order: (fiberwise_p.bind(
+        x, lam, op=op, order=order + 1) * tlam).astype(x.dtype))
 
 
-def _transpose(ct, x, lam, *, fn, order):
+def _transpose(ct, x, lam, *, op, order):
   if ad.is_undefined_primal(lam):
-    raise NotImplementedError(
-        "optax_cdg's operator is linear in the array, not in the smoothing: "
-        "it has no transpose in the smoothing.")
+    raise NotImplementedError("optax_cdg's operator is linear in the array, "
+                              "not in the smoothing.")
   if type(ct) is ad.Zero:
     return ad.Zero(x.aval), None
-  return fiberwise_p.bind(ct, lam, fn=fn, order=order), None
+  return fiberwise_p.bind(ct, lam, op=op, order=order), None
 
 
-def _batch(args, dims, *, fn, order):
+def _batch(args, dims, *, op, order):
   x, lam = args
   x_dim, lam_dim = dims
   if lam_dim is None:
     x = jnp.moveaxis(x, x_dim, 0)
-    return fiberwise_p.bind(x, lam, fn=fn.shifted(1), order=order), 0
+    return fiberwise_p.bind(x, lam, op=op.shifted(1), order=order), 0
   # A batched smoothing: one partitioned call per value, in a loop, since
-  # the gains then differ along the batch.
+  # the multipliers then differ along the batch.
   lam = jnp.moveaxis(lam, lam_dim, 0)
-  if x_dim is None:
-    return jax.lax.map(
-        lambda lam: fiberwise_p.bind(x, lam, fn=fn, order=order), lam), 0
-  return jax.lax.map(lambda xl: fiberwise_p.bind(*xl, fn=fn, order=order),
-                     (jnp.moveaxis(x, x_dim, 0), lam)), 0
+  xs = jnp.moveaxis(x, x_dim, 0) if x_dim is not None else (
+      jnp.broadcast_to(x, (lam.shape[0], *x.shape)))
+  return jax.lax.map(lambda a: fiberwise_p.bind(*a, op=op, order=order),
+                     (xs, lam)), 0
 
 
 ad.primitive_transposes[fiberwise_p] = _transpose
 batching.primitive_batchers[fiberwise_p] = _batch
-
-
-def apply_fiberwise(fn: FiberFn, x: jax.Array, lam) -> jax.Array:
-  """`fn(x, *fn.gains(lam))` for a `fn` that acts on each fiber alone.
-
-  `lam` is a Python float or a traced scalar; the gains are replicated on
-  every device.
-  """
-  explicit = _explicit_entries(x)
-  if explicit is None:
-    return fiberwise_p.bind(x, lam, fn=fn, order=0)
-  if not any(explicit[0]):  # replicated: every device computes it all
-    return fn(x, *fn.gains(lam))
-  return _shard_map_path(fn, x, lam, *explicit)

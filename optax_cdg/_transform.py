@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from optax_cdg import _checks
+from optax_cdg import _gains
 from optax_cdg import _operator
 from optax_cdg import _selection
-from optax_cdg._gains import DEFAULT_SCALE
-from optax_cdg._gains import DEFAULT_SMOOTHING
-
-Metric = Literal["sobolev", "sobolev_mean", "reweighted", "l2"]
-Boundary = Literal["periodic", "neumann"]
-Scale = Literal["unit", "grid"]
-Method = Literal["auto", "fft", "closed"]
 
 
 class ChannelDirectedState(NamedTuple):
@@ -40,14 +34,14 @@ class ChannelDirectedState(NamedTuple):
 
 
 def channel_directed(
-    smoothing: optax.ScalarOrSchedule = DEFAULT_SMOOTHING,
+    smoothing: optax.ScalarOrSchedule = _gains.DEFAULT_SMOOTHING,
     *,
-    metric: Metric = "sobolev",
-    direction: _selection.Direction = "output",
-    boundary: Boundary = "periodic",
-    scale: Scale = DEFAULT_SCALE,
+    metric: _checks.Metric = "sobolev",
+    direction: _checks.Direction = "output",
+    boundary: _checks.Boundary = "periodic",
+    scale: _checks.Scale = _gains.DEFAULT_SCALE,
     kernels: Any = None,
-    method: Method = "auto",
+    method: _checks.Method = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces conv-kernel gradients by their gradient in a channel metric.
 
@@ -137,8 +131,7 @@ def channel_directed(
     <https://doi.org/10.1007/s11263-006-0635-2>`_, IJCV 2007.
   """
   _checks.check_options(metric=metric, direction=direction,
-                        boundary=boundary, scale=scale)
-  _checks.check_method(method, metric)
+                        boundary=boundary, scale=scale, method=method)
   is_schedule = callable(smoothing)
   if not is_schedule:
     smoothing = _checks.check_smoothing(smoothing, metric)
@@ -156,11 +149,14 @@ def channel_directed(
     if is_schedule:
       lam = _checks.check_smoothing(smoothing(state.count), metric)
       state = ChannelDirectedState(count=optax.safe_increment(state.count))
-    out, selected = _selection.map_selected(
-        lambda x, axes: _operator.apply(
-            x, lam, metric=metric, axes=axes, boundary=boundary, scale=scale,
-            method=method),
-        updates, kernels, direction)
+    selected = []
+
+    def one(x, axes):
+      selected.append(axes)
+      return _operator.apply(x, lam, metric=metric, axes=axes,
+                             boundary=boundary, scale=scale, method=method)
+
+    out = _selection.map_selected(one, updates, kernels, direction)
     if not selected:  # at trace time: never an identity that looks like work
       _selection.warn_nothing_selected(updates, kernels)
     return out, state

@@ -13,26 +13,6 @@ import optax_cdg
 
 class OptionHintTest(parameterized.TestCase):
 
-  @parameterized.parameters(
-      ("metric", "Sobolev", "sobolev"),
-      ("metric", "H1", "sobolev"),
-      ("metric", "h~1", "sobolev_mean"),
-      ("metric", "reweigted", "reweighted"),
-      ("metric", "L2", "l2"),
-      ("boundary", "Neuman", "neumann"),
-      ("boundary", "circular", "periodic"),
-      ("scale", "Grid", "grid"),
-      ("method", "FFT", "fft"),
-      ("method", "rfft", "fft"),
-  )
-  def test_misspelt_option_names_the_likely_one(self, name, value, hint):
-    kwargs = {name: value}
-    with pytest.raises(ValueError) as info:
-      optax_cdg.metric_gradient(jnp.ones((2, 8)), 0.1, **kwargs)
-    message = str(info.value)
-    assert message.startswith(f"{name}={value!r} is not supported"), message
-    assert message.endswith(f"Did you mean {hint!r}?"), message
-
   def test_direction_and_every_entry_point(self):
     for call in (lambda: optax_cdg.channel_directed(direction="Output"),
                  lambda: optax_cdg.channel_directed(metric="Sobolev"),
@@ -40,7 +20,8 @@ class OptionHintTest(parameterized.TestCase):
                                                  scale="unit"),
                  lambda: optax_cdg.channel_spectrum({}, boundary="Periodic"),
                  lambda: optax_cdg.laplacian_smoothing(method="Blocked")):
-      with pytest.raises(ValueError, match="Did you mean '[a-z_]+'\\?$"):
+      with pytest.raises(ValueError, match="is not supported; expected one "
+                         "of '[a-z_]+', "):
         call()
 
   @parameterized.parameters("qr", "xyz", None, 3)

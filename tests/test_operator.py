@@ -294,10 +294,6 @@ class MethodTest(parameterized.TestCase):
       ("type", dict(method=None), "method=None is not supported"),
       ("closed_sobolev", dict(method="closed"),
        "method='closed' is not available for metric='sobolev'"),
-      ("matmul", dict(method="matmul"),
-       "method='matmul' was removed .* 'auto', 'fft', 'closed'"),
-      ("blocked", dict(method="blocked"),
-       "method='blocked' was removed .* 'auto', 'fft', 'closed'"),
   )
   def test_bad_method(self, kwargs, message):
     with pytest.raises(ValueError, match=message):
