@@ -44,9 +44,7 @@ import jaxlib
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                ".."))
-import optax_cdg  # pylint: disable=g-import-not-at-top,wrong-import-position
+import optax_cdg
 
 SECTIONS = ("tree", "compile", "lsgd")
 LAM = {"sobolev": optax_cdg.DEFAULT_SMOOTHING,

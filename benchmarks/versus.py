@@ -29,6 +29,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _both(old_path: str):
   """(old, new) optax_cdg modules; the old one keeps its own submodules."""
+  # sys.path is edited here on purpose: two checkouts of the same package
+  # cannot both be installed, so each is imported from its own tree in turn
+  # (the old one first, then this one), and sys.modules is cleared between
+  # them so that the second import loads this checkout's own files.
   sys.path.insert(0, old_path)
   old = importlib.import_module("optax_cdg")
   for name in [n for n in sys.modules

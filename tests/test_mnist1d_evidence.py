@@ -1,4 +1,4 @@
-"""Tests of studies/mnist1d_evidence.py at tiny sizes, and of its committed
+"""Tests of examples/mnist1d_evidence.py at tiny sizes, and of its committed
 report."""
 
 import json
@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 
 import _extras
-from examples import common
-from studies import mnist1d_evidence as m1d
+
+# examples/ is on the path (pyproject's pythonpath), as for a script there.
+import common
+import mnist1d_evidence as m1d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "studies", "results")
+RESULTS = os.path.join(ROOT, "examples", "results")
 
 
 def _data(n=120, seed=0):

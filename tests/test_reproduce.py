@@ -1,4 +1,4 @@
-"""Tests of studies/reproduce.py: its statistics, run cache and a tiny
+"""Tests of examples/reproduce.py: its statistics, run cache and a tiny
 end-to-end run."""
 
 import dataclasses
@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from examples import common
-from studies import reproduce
+# examples/ is on the path (pyproject's pythonpath), as for a script there.
+import common
+import reproduce
 
 
 class StatisticsTest(parameterized.TestCase):

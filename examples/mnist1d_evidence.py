@@ -46,23 +46,25 @@ Phases (the full mode runs them in this order, decisive comparisons first):
   resnet     the 1-D ResNet at widths 32/64/128: the baseline, the former
              default and the default the rule chose on the CNN.
 
-  python -m studies.mnist1d_evidence --quick --out /tmp/m1d          # < 15 min
-  python -m studies.mnist1d_evidence --out /work/sweeps/mnist1d  # full, hours
-  python -m studies.mnist1d_evidence --report-only --out /work/sweeps/mnist1d \\
-      --results studies/results/mnist1d                       # report now
+  python examples/mnist1d_evidence.py --quick --out /tmp/m1d      # < 15 min
+  python examples/mnist1d_evidence.py --out /work/sweeps/mnist1d  # full, hours
+  # The report now, from the runs finished so far:
+  python examples/mnist1d_evidence.py --report-only \\
+      --out /work/sweeps/mnist1d --results examples/results/mnist1d
 
 The committed report: results.md and the plots again from results.json alone
 (--from-results), or everything again from the packed run cache:
 
-  python -m studies.mnist1d_evidence --from-results \\
-      --results studies/results/mnist1d
-  python -m studies.mnist1d_evidence --report-only --out studies/results/mnist1d
+  python examples/mnist1d_evidence.py --from-results \\
+      --results examples/results/mnist1d
+  python examples/mnist1d_evidence.py --report-only \\
+      --out examples/results/mnist1d
 
 Widths 256 and 512 (a GPU host without network): make the arrays on a CPU
 host, then run the decisive phase from the file:
 
-  python -m studies.mnist1d_evidence --make-data mnist1d_arrays.npz
-  python -m studies.mnist1d_evidence --data mnist1d_arrays.npz --out DIR \\
+  python examples/mnist1d_evidence.py --make-data mnist1d_arrays.npz
+  python examples/mnist1d_evidence.py --data mnist1d_arrays.npz --out DIR \\
       --phases decisive --widths 256,512 --optimizers adamw
 """
 
@@ -87,12 +89,12 @@ import numpy as np
 import optax
 
 # The models and training loop shared with the examples, and reproduce.py's
-# optimizers and statistics.
-from examples import common
+# optimizers and statistics: modules beside this script.
+from common import Split
 import optax_cdg
-from studies.reproduce import mean_ci95
-from studies.reproduce import optimizer_chain
-from studies.reproduce import select_lr
+from reproduce import mean_ci95
+from reproduce import optimizer_chain
+from reproduce import select_lr
 
 # ----------------------------------------------------------------------- data
 
@@ -148,7 +150,7 @@ def load_arrays(path: str) -> dict[str, np.ndarray]:
 
 
 def load_mnist1d(cache: str | None = None, val: int = 5000,
-                 test: int = 20000) -> dict[str, common.Split]:
+                 test: int = 20000) -> dict[str, Split]:
   """The splits as (n, 40, 1) float32 sequences; generated once into
   `cache` (a .npz) if given, read from it afterwards."""
   if cache and os.path.exists(cache):
@@ -161,7 +163,7 @@ def load_mnist1d(cache: str | None = None, val: int = 5000,
     a = make_mnist1d(val, test)
     if cache:
       save_arrays(cache, a)
-  return {k: common.Split(a[f"x_{k}"][..., None], a[f"y_{k}"])
+  return {k: Split(a[f"x_{k}"][..., None], a[f"y_{k}"])
           for k in ("train", "val", "test")}
 
 
@@ -426,7 +428,7 @@ def _chunk_fn(model, tx):
 
 
 def train_members(model: nn.Module, method: Method, setting: Setting,
-                  data: dict[str, common.Split],
+                  data: dict[str, Split],
                   members: Sequence[tuple[float, int]], *,
                   evals: int = 6, test: bool = True,
                   checkpoint: str | None = None) -> list[dict]:

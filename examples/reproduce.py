@@ -20,17 +20,17 @@ the seeds, and the mean paired difference to the baseline (each at its own
 chosen learning rate) with its 95% t-interval. The "best" CDG setting is
 chosen on validation accuracy, never on test.
 
-  python -m studies.reproduce --quick --out results_quick
-  python -m studies.reproduce --out results_full      # the full mode
+  python examples/reproduce.py --quick --out results_quick
+  python examples/reproduce.py --out results_full      # the full mode
 
 Writes DIR/results.json, DIR/results.md and PNG plots to DIR, and every
 finished run to DIR/runs/. With --resume, runs found there are reused: an
 interrupted invocation continues where it stopped, and optimizers run in
 separate processes merge into one report:
 
-  python -m studies.reproduce --optimizers sgd --out D &
-  python -m studies.reproduce --optimizers adamw --out D
-  wait; python -m studies.reproduce --resume --out D
+  python examples/reproduce.py --optimizers sgd --out D &
+  python examples/reproduce.py --optimizers adamw --out D
+  wait; python examples/reproduce.py --resume --out D
 """
 
 from __future__ import annotations
@@ -51,8 +51,14 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-# The models and training loop shared with the examples.
-from examples import common
+# The models and training loop shared with the examples, beside this script.
+from common import init_variables
+from common import load_mnist
+from common import ResNet
+from common import RunResult
+from common import SmallCNN
+from common import steps_per_epoch
+from common import train
 import optax_cdg
 
 SGD_WEIGHT_DECAY = 5e-4
@@ -408,7 +414,7 @@ def kernel_spectra(model, data, variables_per_seed, seeds, kernels):
     for seed, v in zip(seeds, variables_per_seed, strict=True):
       params = v["params"]
       if which == "change":
-        init = common.init_variables(model, data["train"].x, seed)["params"]
+        init = init_variables(model, data["train"].x, seed)["params"]
         params = jax.tree.map(lambda a, b: a - b, params, init)
       spec = optax_cdg.channel_spectrum(params, kernels, normalize=True)
       flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(e)
@@ -552,7 +558,7 @@ class RunCache:
                                      m.direction, m.smoothing))
     return os.path.join(self.dir, f"{name}_lr{lr!r}_seed{seed}")
 
-  def load(self, m: Method, lr: float, seed: int) -> common.RunResult | None:
+  def load(self, m: Method, lr: float, seed: int) -> RunResult | None:
     path = self._path(m, lr, seed)
     if not (os.path.exists(path + ".json") and os.path.exists(path + ".npz")):
       return None
@@ -563,11 +569,11 @@ class RunCache:
     if len(leaves) != self.treedef.num_leaves:
       raise ValueError(f"{path}.npz holds {len(leaves)} arrays; the model "
                        f"has {self.treedef.num_leaves}: another model?")
-    return common.RunResult(
+    return RunResult(
         variables=jax.tree.unflatten(self.treedef, leaves), **fields)
 
   def save(self, m: Method, lr: float, seed: int,
-           result: common.RunResult) -> None:
+           result: RunResult) -> None:
     os.makedirs(self.dir, exist_ok=True)
     path = self._path(m, lr, seed)
     leaves = [np.asarray(x) for x in jax.tree.leaves(result.variables)]
@@ -636,7 +642,7 @@ def main(argv=None) -> dict:
   mode = resolve_mode(args)
   methods = methods_for(mode)
   seeds = list(range(mode.seeds))
-  steps = common.steps_per_epoch(mode.train_size, mode.batch_size)
+  steps = steps_per_epoch(mode.train_size, mode.batch_size)
   if steps < 1:
     raise ValueError(f"--batch-size={mode.batch_size} exceeds --train-size="
                      f"{mode.train_size}.")
@@ -653,14 +659,14 @@ def main(argv=None) -> dict:
     return {}
 
   start = time.perf_counter()
-  data = common.load_mnist(train=mode.train_size)
-  model = common.SmallCNN() if args.model == "cnn" else common.ResNet()
+  data = load_mnist(train=mode.train_size)
+  model = SmallCNN() if args.model == "cnn" else ResNet()
   kernels = optax_cdg.linen_conv_kernels(model, data["train"].x[:1])
   total_steps = mode.epochs * steps
   cache = RunCache(args.out, args.model, mode,
-                   common.init_variables(model, data["train"].x, 0))
+                   init_variables(model, data["train"].x, 0))
   reused = 0
-  runs: dict[Method, dict[float, dict[int, common.RunResult]]] = {}
+  runs: dict[Method, dict[float, dict[int, RunResult]]] = {}
   txs: dict[tuple, optax.GradientTransformation] = {}
   outer = tqdm(total=n_runs, desc="all runs", unit="run", position=0,
                disable=args.no_progress)
@@ -683,7 +689,7 @@ def main(argv=None) -> dict:
         with tqdm(total=total_steps, desc=f"{m.label()} lr={lr:g} s{seed}",
                   unit="step", position=1, leave=False,
                   disable=args.no_progress) as bar:
-          runs[m][lr][seed] = common.train(
+          runs[m][lr][seed] = train(
               model, txs[m.kind], data, epochs=mode.epochs,
               batch_size=mode.batch_size, seed=seed, progress=bar,
               hyperparams=hyper)

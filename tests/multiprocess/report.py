@@ -1,30 +1,29 @@
 """The sharded update's collectives across processes, from the compiled HLO.
 
 Launches N local JAX processes (default 2 x 4 virtual CPU devices, joined on
-127.0.0.1) running tests/multiprocess/sharded_update.py on the ResNet-18 conv
-tree, and prints, for each sharding mode and kernel sharding on the 2 x 4
-mesh ("a", "b"), the collectives in the compiled update and the bytes they
-move per device (all of it, and the part that crosses to another process),
-with the largest difference from the single-device update. No times: the
-processes share this machine's cores.
+127.0.0.1) running sharded_update.py, beside this script, on the ResNet-18
+conv tree, and prints, for each sharding mode and kernel sharding on the
+2 x 4 mesh ("a", "b"), the collectives in the compiled update and the bytes
+they move per device (all of it, and the part that crosses to another
+process), with the largest difference from the single-device update. No
+times: the processes share this machine's cores.
 
 With --faults instead: how a 2-process job ends when one process is killed
-or raises at step 5 of a loop of cross-process sums (tests/multiprocess/
-basic.py, heartbeat timeout 10 s): each process's exit and when.
+or raises at step 5 of a loop of cross-process sums (basic.py, heartbeat
+timeout 10 s): each process's exit and when.
 
-  python benchmarks/multiprocess.py [--processes 2 --devices 4]
-  python benchmarks/multiprocess.py --faults
+  python tests/multiprocess/report.py [--processes 2 --devices 4]
+  python tests/multiprocess/report.py --faults
+
+A report, not a test: pytest does not collect it (its name is not test_*).
 """
 
 import argparse
 import collections
 import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-# The launcher and the scripts it runs are the multi-process tests' own.
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "multiprocess"))
-import harness  # noqa: E402  pylint: disable=g-import-not-at-top
+# The multi-process tests' launcher, beside this script.
+import harness
 
 
 def main() -> None:
