@@ -24,10 +24,8 @@ def _fiber_energy(x: jax.Array, axis: int, boundary: str,
   # One-sided: every bin but 0 and (for an even length) the last stands for
   # a pair of conjugate frequencies. The even extension holds the fiber
   # twice, and its last bin is 0.
-  weight = np.full(power.shape[-1], 2.0)
-  weight[0] = 1.0
-  if x.shape[-1] % 2 == 0:
-    weight[-1] = 1.0
+  k = np.arange(power.shape[-1])
+  weight = np.where((k == 0) | (2 * k == x.shape[-1]), 1.0, 2.0)
   energy = jnp.mean(power, axis=0) * (weight / x.shape[-1]).astype(power.dtype)
   if boundary == "neumann":
     energy = energy[:n] / 2

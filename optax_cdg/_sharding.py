@@ -163,11 +163,8 @@ def _rule(op, mesh, arg_types, result_types):
   return ", ".join(names) + " -> " + names[0]
 
 
-def _call(op, x, *multipliers):
-  return op(x, *multipliers)
-
-
-_partitioned = custom_partitioning(_call, static_argnums=(0,))
+_partitioned = custom_partitioning(lambda op, x, *m: op(x, *m),
+                                   static_argnums=(0,))
 _partitioned.def_partition(
     partition=_partition, sharding_rule=_rule,
     # The result keeps the input's sharding.
