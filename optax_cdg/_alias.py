@@ -59,12 +59,10 @@ def with_channel_directed(
     raise TypeError(
         f"optimizer={optimizer!r} must be an optax.GradientTransformation, "
         "such as optax.adam(1e-3) (called, not the function optax.adam).")
-  return optax.chain(
-      _transform.channel_directed(
-          smoothing, metric=metric, direction=direction, boundary=boundary,
-          scale=scale, kernels=kernels, method=method),
-      optimizer,
-  )
+  cdg = _transform.channel_directed(
+      smoothing, metric=metric, direction=direction, boundary=boundary,
+      scale=scale, kernels=kernels, method=method)
+  return optax.chain(cdg, optimizer)
 
 
 def cdg_sgd(

@@ -58,9 +58,8 @@ def check_smoothing(value: Any, metric: str,
   traced = isinstance(value, jax.core.Tracer)
   arr = value if traced else np.asarray(value)
   if np.ndim(arr) or not jnp.issubdtype(arr.dtype, jnp.number):
-    what = "a real scalar" if np.ndim(arr) else "a real number"
     got = "a traced value" if traced else f"{name}={value!r}"
-    raise TypeError(f"{name} must be {what} or a schedule; got {got} of "
+    raise TypeError(f"{name} must be a real scalar or a schedule; got {got} of "
                     f"shape {np.shape(arr)} and dtype {arr.dtype}.")
   positive = metric in ("sobolev_mean", "reweighted")
   if traced:
@@ -81,11 +80,10 @@ def check_smoothing(value: Any, metric: str,
 def _ints(value: Any, label: str) -> tuple[int, ...]:
   """An int or a sequence of ints, as a tuple (a bool is not an int here)."""
   items = (value,) if isinstance(value, numbers.Integral) else value
-  if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+  if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or any(
+      isinstance(a, bool) or not isinstance(a, numbers.Integral)
+      for a in items):
     raise TypeError(f"{label} must be an int or a sequence of ints.")
-  for a in items:
-    if isinstance(a, bool) or not isinstance(a, numbers.Integral):
-      raise TypeError(f"{label} must contain ints; got {a!r}.")
   return tuple(int(a) for a in items)
 
 

@@ -135,12 +135,12 @@ def apply(grad: Any, lam: float | jax.Array, *, metric: str,
                 compute_dtype(grad.dtype),
                 lam if isinstance(lam, float) else None)
   lam = jnp.asarray(lam, jnp.result_type(float))
-  explicit = _sharding.explicit_sharding(grad)
-  if explicit is None:  # automatic sharding, or one device
+  sharding = _sharding.explicit_sharding(grad)
+  if sharding is None:  # automatic sharding, or one device
     return _sharding.fiberwise_p.bind(grad, lam, op=op, order=0)
-  if not any(explicit[0]):  # replicated: every device computes it all
+  if not any(sharding.spec):  # replicated: every device computes it all
     return op(grad, *op.multipliers(lam))
-  return _sharding.shard_mapped(op, grad, lam, *explicit)
+  return _sharding.shard_mapped(op, grad, lam, sharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,28 +173,21 @@ class Operator:
   def multipliers(self, lam: jax.Array,
                   order: int = 0) -> tuple[ArrayLike, ...]:
     """The multipliers for `lam`, or their `order`-th derivative in `lam`."""
+    # The multipliers computed from `lam` (they do not depend on the axes).
+    op = dataclasses.replace(self, axes=(), smoothing=None)
     if self.smoothing is not None and order == 0:
       # jax's Config stub lacks the options it sets as attributes.
       device = jax.config.jax_default_device  # type: ignore[attr-defined]
-      return _constants(dataclasses.replace(self, axes=()),
-                        np.dtype(jnp.result_type(float)), device)
-    return self.computed_multipliers(lam, order)
-
-  def computed_multipliers(self, lam: jax.Array,
-                           order: int = 0) -> tuple[jax.Array, ...]:
-    """`multipliers` as computed in the program, from a traced `lam`."""
-    def multipliers(lam):
-      if self.closed:
-        return jnp.ones((), self.dtype), (1.0 / lam).astype(self.dtype)
-      return (_gains.gain(self.sizes, lam, self.metric, self.boundary,
-                          self.scale, extended=self.boundary == "neumann")
-              .astype(self.dtype),)
-
-    for _ in range(order):
-      multipliers = functools.partial(
-          lambda f, lam: jax.jvp(f, (lam,), (jnp.ones_like(lam),))[1],
-          multipliers)
-    return multipliers(lam)
+      return _constants(op, self.smoothing, np.dtype(jnp.result_type(float)),
+                        device)
+    if order:
+      return jax.jvp(lambda lam: op.multipliers(lam, order - 1), (lam,),
+                     (jnp.ones_like(lam),))[1]
+    if self.closed:
+      return jnp.ones((), self.dtype), (1.0 / lam).astype(self.dtype)
+    return (_gains.gain(self.sizes, lam, self.metric, self.boundary,
+                        self.scale, extended=self.boundary == "neumann")
+            .astype(self.dtype),)
 
   def __call__(self, grad: jax.Array, *multipliers: ArrayLike) -> jax.Array:
     x = grad.astype(self.dtype)
@@ -205,11 +198,10 @@ class Operator:
 
     def transform(x, gains):
       ext = even_extension(x, self.axes) if self.boundary == "neumann" else x
-      shape = [1] * x.ndim  # the gains along `axes`, broadcast elsewhere
-      for a, n in zip(self.axes, jnp.shape(gains), strict=True):
-        shape[a] = n
-      y = jnp.fft.irfftn(jnp.fft.rfftn(ext, axes=self.axes)
-                         * jnp.reshape(gains, shape),
+      # The gains along `axes`, broadcast along the others.
+      gains = jnp.expand_dims(gains, [a for a in range(x.ndim)
+                                      if a not in self.axes])
+      y = jnp.fft.irfftn(jnp.fft.rfftn(ext, axes=self.axes) * gains,
                          s=[ext.shape[a] for a in self.axes], axes=self.axes)
       for a, n in zip(self.axes, self.sizes, strict=True):  # Neumann: 1st half
         y = jax.lax.slice_in_dim(y, 0, n, axis=a)
@@ -222,16 +214,14 @@ class Operator:
     # transposing copy (ResNet-18's CPU step: 1.030 -> 1.006 times the plain
     # step, BENCHMARKS.md). Fibers are independent, so the result is the
     # same; other backends keep the logical order until measured.
-    perm = (x.ndim - 2, *range(x.ndim - 2), x.ndim - 1)
-    back = tuple(int(i) for i in np.argsort(perm))
     return jax.lax.platform_dependent(
         x, *multipliers, default=transform,
-        cpu=lambda x, gains: jnp.transpose(
-            transform(jnp.transpose(x, perm), gains), back))
+        cpu=lambda x, gains: jnp.moveaxis(
+            transform(jnp.moveaxis(x, -2, 0), gains), 0, -2))
 
 
 @functools.lru_cache(maxsize=1024)
-def _constants(op: Operator, lam_dtype: np.dtype,
+def _constants(op: Operator, smoothing: float, lam_dtype: np.dtype,
                device: Any) -> tuple[np.ndarray, ...]:
   """The multipliers of a number, as constants of the program.
 
@@ -243,11 +233,11 @@ def _constants(op: Operator, lam_dtype: np.dtype,
   manual axes (a shard_map body, other processes' devices), with the
   caller's precision and default device, which a thread does not inherit.
   """
-  lam = np.asarray(op.smoothing, lam_dtype)
+  lam = np.asarray(smoothing, lam_dtype)
 
   def compute() -> tuple[np.ndarray, ...]:
     with jax.enable_x64(lam_dtype == np.float64), jax.default_device(device):
-      return tuple(map(np.asarray, jax.jit(op.computed_multipliers)(lam)))
+      return tuple(map(np.asarray, jax.jit(op.multipliers)(lam)))
 
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     return pool.submit(compute).result()

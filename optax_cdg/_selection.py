@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import dataclasses
 import functools
 import importlib
 import numbers
@@ -201,6 +202,7 @@ def conv_kernels(tree: Any) -> Any:
           eqx is not None and isinstance(x, eqx.Module)))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class PathSelection:
   """A `kernels=` callable selecting the kernels recorded from a model.
 
@@ -208,13 +210,8 @@ class PathSelection:
   selection serves `nnx.State`s of Variables, pure states and plain dicts.
   """
 
-  def __init__(self, specs: Recorded, source: str):
-    self.specs = dict(specs)
-    self.source = source
-
-  def __repr__(self) -> str:
-    paths = ", ".join("/".join(p) for p in self.specs)
-    return f"{type(self).__name__}({self.source}: {paths})"
+  specs: Recorded
+  source: str  # what recorded them, as "nnx model Net"
 
   def __call__(self, updates: Any) -> Any:
     reject_step_count(updates, f"the selection of the {self.source}")
@@ -242,14 +239,18 @@ class PathSelection:
     return out
 
 
-def _import_flax(name: str, helper: str) -> Any:
-  """Imports `name` (flax.linen or flax.nnx), or names the extra to install."""
+def _flax_api(name: str, helper: str, arg: str, value: Any) -> Any:
+  """`name` (flax.linen or flax.nnx), once `value` is one of its modules."""
   try:
-    return importlib.import_module(name)
+    api = importlib.import_module(name)
   except ImportError as e:
     raise ImportError(
         f"optax_cdg.{helper} needs Flax, and {name} cannot be imported "
         f"({e}). Install it with: pip install \"optax_cdg[flax]\"") from e
+  if not isinstance(value, api.Module):
+    raise TypeError(
+        f"{arg} must be a {name}.Module; got {type(value).__name__}.")
+  return api
 
 
 def _record(specs: Recorded, names: tuple[str, ...], shape: Sequence[int],
@@ -302,21 +303,17 @@ def linen_conv_kernels(module: Any, *example_args: Any,
     >>> kernels(params["params"])["Conv_0"]["kernel"]
     KernelSpec(output_axis=-1, num_stacked_axes=0, input_axis=None)
   """
-  nn = _import_flax("flax.linen", "linen_conv_kernels")
-  if not isinstance(module, nn.Module):
-    raise TypeError(
-        f"module must be a flax.linen.Module; got {type(module).__name__}.")
+  nn = _flax_api("flax.linen", "linen_conv_kernels", "module", module)
   found = {}
 
   def interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     m = context.module
     if context.method_name == "__call__" and isinstance(
-        m, (nn.Conv, nn.ConvLocal, nn.ConvTranspose)):
-      kernel = m.get_variable("params", "kernel")
-      if kernel is not None:
-        found[tuple(m.path) + ("kernel",)] = (
-            kernel.shape, getattr(m, "transpose_kernel", False))
+        m, (nn.Conv, nn.ConvLocal, nn.ConvTranspose)) and (
+            kernel := m.get_variable("params", "kernel")) is not None:
+      found[tuple(m.path) + ("kernel",)] = (
+          kernel.shape, getattr(m, "transpose_kernel", False))
     return out
 
   key = jax.random.key(0)
@@ -367,10 +364,7 @@ def nnx_conv_kernels(model: Any) -> PathSelection:
     ...                  optax.adam(1e-3))
     >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   """
-  nnx = _import_flax("flax.nnx", "nnx_conv_kernels")
-  if not isinstance(model, nnx.Module):
-    raise TypeError(
-        f"model must be a flax.nnx.Module; got {type(model).__name__}.")
+  nnx = _flax_api("flax.nnx", "nnx_conv_kernels", "model", model)
   convs = tuple(getattr(nnx, t) for t in ("Conv", "ConvTranspose", "ConvLocal")
                 if hasattr(nnx, t))
   specs: Recorded = {}
@@ -392,10 +386,9 @@ def _spec_error(value: Any, path: Sequence[Any]) -> TypeError:
   head = (f"kernels gives {what} for {format_path(path)}: pass" if path else
           f"kernels={what} is not a selection of conv kernels. Pass")
   return TypeError(
-      f"{head} kernels=None to guess them from the parameters' names "
-      "and shapes, a model's selection (linen_conv_kernels(module, x), "
-      "nnx_conv_kernels(model)), or a dict shaped like the parameters with "
-      f"True, False, an output axis (int) or a KernelSpec at each.{hint}")
+      f"{head} kernels=None to guess them, a model's selection "
+      "(linen_conv_kernels(module, x), nnx_conv_kernels(model)) or a dict "
+      f"of True, False, an output axis or a KernelSpec per parameter.{hint}")
 
 
 def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
@@ -417,12 +410,10 @@ def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
     raise TypeError(f"kernels selects {where}, which {what}; only real "
                     "floating-point arrays can be transformed.")
   shape, stacked = tuple(leaf.shape), spec.num_stacked_axes
-  if len(shape) < 2:
-    raise ValueError(f"kernels selects {where} of shape {shape}; a selected "
-                     "array needs at least 2 dimensions (in and out channels).")
-  if not 0 <= stacked <= len(shape) - 2:
-    raise ValueError(f"kernels: num_stacked_axes={stacked!r} at {where} "
-                     f"(shape {shape}) must be in 0 .. {len(shape) - 2}.")
+  if not 0 <= stacked <= len(shape) - 2:  # room for in and out channels
+    raise ValueError(f"kernels selects {where} of shape {shape} with "
+                     f"num_stacked_axes={stacked!r}: it needs 2 channel axes "
+                     "after its stacked ones.")
 
   def axis(value, name):
     label = f"kernels: the {name} axis {value!r} at {where}"
@@ -470,9 +461,8 @@ def map_selected(fn: Callable[[Any, tuple[int, ...]], Any], updates: Any,
   except (ValueError, TypeError) as e:
     raise ValueError(
         "kernels does not match the updates: a kernels dict needs the "
-        "parameters' keys and nesting (a True, False or KernelSpec value may "
-        "stand for a whole sub-dict). Or pass kernels=None to guess the conv "
-        f"kernels. They differ: {e}") from e
+        "parameters' keys and nesting (one value may stand for a sub-dict), "
+        f"or pass kernels=None to guess. They differ: {e}") from e
 
   def one(path, spec, p, x):
     axes = None if is_passthrough(x) else resolve_spec(spec, path + p, x,
@@ -487,9 +477,8 @@ def map_selected(fn: Callable[[Any, tuple[int, ...]], Any], updates: Any,
 
 def check_kernels(kernels: Any) -> None:
   """The build-time check of a `kernels` argument."""
-  libs = (sys.modules.get("flax.nnx"), sys.modules.get("flax.linen"),
-          sys.modules.get("equinox"))
-  if any(lib and isinstance(kernels, lib.Module) for lib in libs):
+  if any(isinstance(kernels, getattr(sys.modules.get(lib), "Module", ()))
+         for lib in ("flax.nnx", "flax.linen", "equinox")):
     raise TypeError(
         f"kernels={type(kernels).__name__}(...) is a model, not a selection "
         "of its conv kernels: pass optax_cdg.nnx_conv_kernels(model), "
@@ -506,17 +495,16 @@ def warn_nothing_selected(updates: Any, kernels: Any) -> None:
   arrays = [f"{format_path(p)} {x.shape}" for p, x in
             jax.tree_util.tree_flatten_with_path(updates)[0]
             if hasattr(x, "shape")]
-  if arrays:  # else nothing could have been transformed
-    what = ("kernels=None (the guess)" if kernels is None else
-            f"kernels={getattr(kernels, '__name__', 'a callable')}"
-            if callable(kernels) else "the kernels dict")
-    warnings.warn(
-        f"channel_directed changed nothing: {what} selected none of the "
-        f"{len(arrays)} arrays ({', '.join(arrays[:2])}"
-        f"{', ...' if len(arrays) > 2 else ''}). Pass kernels="
-        "optax_cdg.linen_conv_kernels(module, x), "
-        "optax_cdg.nnx_conv_kernels(model) or a dict such as "
-        "{'conv': {'w': True}} (OIHW: KernelSpec(output_axis=0, "
-        "input_axis=1))." + (" Through optax.inject_hyperparams it needs "
-                             "static_args=(\"kernels\",)." if callable(kernels)
-                             else ""), NoKernelsSelectedWarning, stacklevel=3)
+  if not arrays:  # nothing could have been transformed
+    return
+  what = ("kernels=None (the guess)" if kernels is None else
+          f"kernels={getattr(kernels, '__name__', 'a callable')}"
+          if callable(kernels) else "the kernels dict")
+  hint = f" {STATIC_ARGS_HINT}" if callable(kernels) else ""
+  more = ", ..." if len(arrays) > 2 else ""
+  warnings.warn(
+      f"channel_directed changed nothing: {what} selected none of the "
+      f"{len(arrays)} arrays ({', '.join(arrays[:2])}{more}). Pass kernels="
+      "linen_conv_kernels(module, x), nnx_conv_kernels(model) or a dict such "
+      "as {'conv': {'w': True}} (OIHW: KernelSpec(output_axis=0, "
+      f"input_axis=1)).{hint}", NoKernelsSelectedWarning, stacklevel=3)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import math
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import jax
 from jax._src import dispatch  # the registry named where it is used
@@ -36,7 +36,6 @@ from jax.interpreters import ad
 from jax.interpreters import batching
 from jax.interpreters import mlir
 import jax.numpy as jnp
-from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -44,106 +43,85 @@ if TYPE_CHECKING:
   from optax_cdg._operator import Operator
 
 
-_SpecEntries = list[tuple[str, ...]]
-
-
-def _entries(spec: P, ndim: int) -> _SpecEntries:
-  """The mesh axes of each array axis, as tuples (empty: not sharded)."""
-  padded = (*spec, *(None,) * (ndim - len(spec)))
-  return [() if e is None else tuple(e) if isinstance(e, tuple) else (e,)
-          for e in padded]
-
-
-def _to_spec(entries: _SpecEntries) -> P:
-  return P(*[(e if len(e) > 1 else e[0]) if e else None for e in entries])
-
-
 def plan_moves(
-    entries: _SpecEntries, shape: Sequence[int], axes: Sequence[int],
-    mesh_shape: dict[str, int],
-) -> tuple[_SpecEntries, list[tuple[tuple[str, ...], int, int | None]]]:
+    sharding: NamedSharding, shape: Sequence[int], axes: Sequence[int],
+) -> tuple[P, list[tuple[tuple[str, ...], int, int | None]]]:
   """Where each mesh axis sharding a transform axis goes while it runs.
 
   Returns the spec inside the computation (transform axes unsharded) and the
   moves `(mesh axes, transform axis, destination axis or None)`; None means no
   axis can take them and the transform axis is gathered.
   """
-  inner = list(entries)
+  mesh_shape, spec = sharding.mesh.shape, sharding.spec
+  # The mesh axes of each array axis, as tuples (empty: not sharded).
+  inner: list[tuple[str, ...]] = [
+      () if e is None else e if isinstance(e, tuple) else (e,)
+      for e in (*spec, *[None] * (len(shape) - len(spec)))]
+
+  def split(i):  # how many shards axis i is in
+    return math.prod(mesh_shape[n] for n in inner[i])
+
   moves = []
   for a in axes:
     names = inner[a]
     if not names:
       continue
-    inner[a] = ()
-    size = math.prod(mesh_shape[n] for n in names)
-
-    def room(i):  # how many ways axis i could still be split
-      return shape[i] // math.prod(mesh_shape[n] for n in inner[i])
-
+    free = [i for i in range(len(shape))
+            if i not in axes and shape[i] % (split(a) * split(i)) == 0]
     # Prefer an unsharded axis, then the one with the most room.
-    free = [i for i in range(len(shape)) if i not in axes
-            and shape[i] % (size * math.prod(mesh_shape[n]
-                                             for n in inner[i])) == 0]
-    dest = max(free, key=lambda i: (not inner[i], room(i))) if free else None
+    dest = max(free, key=lambda i: (not inner[i], shape[i] // split(i)),
+               default=None)
+    inner[a] = ()
     if dest is not None:
-      inner[dest] = inner[dest] + names
+      inner[dest] += names
     moves.append((names, a, dest))
-  return inner, moves
+  return P(*inner), moves
 
 
-def explicit_sharding(x: jax.Array) -> tuple[_SpecEntries, Any] | None:
-  """The spec entries and mesh of an explicitly sharded array, or None.
+def explicit_sharding(x: jax.Array) -> NamedSharding | None:
+  """The sharding of an explicitly sharded array, or None.
 
-  On a mesh whose axes are all explicit, a replicated array has entries that
-  are all empty.
+  On a mesh whose axes are all explicit, a replicated array has a spec that
+  is all None.
   """
   sharding = jax.typeof(x).sharding
   mesh = getattr(sharding, "mesh", None)
-  if mesh is None or getattr(mesh, "empty", True):
-    return None
-  entries = _entries(sharding.spec, x.ndim)
-  types = tuple(getattr(mesh, "axis_types", ()))
-  if not any(entries) and not (
-      types and all(t == AxisType.Explicit for t in types)):
+  if mesh is None or getattr(mesh, "empty", True) or not (
+      any(sharding.spec) or mesh.are_all_axes_explicit):
     return None  # automatic sharding: invisible while tracing
-  return entries, mesh
+  return sharding
 
 
 def shard_mapped(op: Operator, x: jax.Array, lam: jax.Array,
-                 entries: _SpecEntries, mesh: Any) -> jax.Array:
+                 sharding: NamedSharding) -> jax.Array:
   """`op` on an explicitly sharded `x`, shard by shard (`shard_map`)."""
-  _, moves = plan_moves(entries, x.shape, op.axes, dict(mesh.shape))
+  _, moves = plan_moves(sharding, x.shape, op.axes)
 
   def body(xl, lam):
     for names, a, dest in moves:
-      if dest is None:
-        xl = jax.lax.all_gather(xl, names, axis=a, tiled=True)
-      else:
-        xl = jax.lax.all_to_all(xl, names, split_axis=dest, concat_axis=a,
-                                tiled=True)
+      xl = (jax.lax.all_gather(xl, names, axis=a, tiled=True) if dest is None
+            else jax.lax.all_to_all(xl, names, dest, a, tiled=True))
     y = op(xl, *op.multipliers(lam))
     for names, a, dest in reversed(moves):
-      if dest is None:
-        chunk = y.shape[a] // math.prod(mesh.shape[n] for n in names)
+      if dest is None:  # each device keeps its own slice
+        chunk = y.shape[a] // jax.lax.axis_size(names)
         y = jax.lax.dynamic_slice_in_dim(
             y, jax.lax.axis_index(names) * chunk, chunk, axis=a)
       else:
-        y = jax.lax.all_to_all(y, names, split_axis=a, concat_axis=dest,
-                               tiled=True)
+        y = jax.lax.all_to_all(y, names, a, dest, tiled=True)
     return y
 
-  spec = _to_spec(entries)
-  return jax.shard_map(body, mesh=mesh, in_specs=(spec, P()), check_vma=False,
-                       out_specs=spec)(x, lam)
+  spec = sharding.spec
+  return jax.shard_map(body, mesh=sharding.mesh, in_specs=(spec, P()),
+                       check_vma=False, out_specs=spec)(x, lam)
 
 
 def _partition(op, mesh, arg_shapes, result_shape):
   del result_shape
   x = arg_shapes[0]
   if isinstance(x.sharding, NamedSharding):
-    spec, _ = plan_moves(_entries(x.sharding.spec, len(x.shape)), x.shape,
-                         op.axes, dict(x.sharding.mesh.shape))
-    inner = NamedSharding(x.sharding.mesh, _to_spec(spec))
+    inner = NamedSharding(x.sharding.mesh,
+                          plan_moves(x.sharding, x.shape, op.axes)[0])
   elif all(x.sharding.shard_shape(x.shape)[a] == x.shape[a] for a in op.axes):
     inner = x.sharding  # fibers whole on each device: run it where it lies
   else:
@@ -219,8 +197,7 @@ def _batch(args, dims, *, op, order):
   # A batched smoothing: one partitioned call per value, in a loop, since
   # the multipliers then differ along the batch.
   lam = jnp.moveaxis(lam, lam_dim, 0)
-  xs = jnp.moveaxis(x, x_dim, 0) if x_dim is not None else (
-      jnp.broadcast_to(x, (lam.shape[0], *x.shape)))
+  xs = batching.bdim_at_front(x, x_dim, lam.shape[0])
   return jax.lax.map(lambda a: fiberwise_p.bind(*a, op=op, order=order),
                      (xs, lam)), 0
 

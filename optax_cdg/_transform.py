@@ -139,9 +139,8 @@ def channel_directed(
 
   def init_fn(params):
     del params
-    if is_schedule:
-      return ChannelDirectedState(count=jnp.zeros([], jnp.int32))
-    return optax.EmptyState()
+    return (ChannelDirectedState(count=jnp.zeros([], jnp.int32))
+            if is_schedule else optax.EmptyState())
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args

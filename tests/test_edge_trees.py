@@ -177,6 +177,6 @@ class DegenerateShapesTest(parameterized.TestCase):
 
   def test_selected_leaf_with_too_few_dimensions(self):
     tx = optax_cdg.channel_directed(kernels={"w": True})
-    with pytest.raises(ValueError, match="w of shape \\(8,\\); a selected "
-                       "array needs at least 2 dimensions"):
+    with pytest.raises(ValueError, match="w of shape \\(8,\\) with "
+                       "num_stacked_axes=0: it needs 2 channel axes"):
       tx.update({"w": jnp.ones(8)}, optax.EmptyState())

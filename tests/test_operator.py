@@ -228,14 +228,14 @@ class BadInputTest(parameterized.TestCase):
       ("axes_range", dict(axes=(3,)), ValueError, "out of range"),
       ("axes_repeat", dict(axes=(1, -2)), ValueError, "same axis twice"),
       ("axes_empty", dict(axes=()), ValueError, "at least one axis"),
-      ("axes_type", dict(axes=(0.5,)), TypeError, "must contain ints"),
+      ("axes_type", dict(axes=(0.5,)), TypeError, "sequence of ints"),
       ("negative", dict(smoothing=-1.0), ValueError, "smoothing=-1.0"),
       ("nan", dict(smoothing=float("nan")), ValueError, "finite"),
       ("zero_mean", dict(smoothing=0.0, metric="sobolev_mean"), ValueError,
        "> 0"),
       ("zero_rew", dict(smoothing=0.0, metric="reweighted"), ValueError,
        "> 0"),
-      ("string", dict(smoothing="0.1"), TypeError, "real number"),
+      ("string", dict(smoothing="0.1"), TypeError, "real scalar"),
       ("vector", dict(smoothing=np.ones(2)), TypeError, "real scalar"),
   )
   def test_bad_argument(self, kwargs, error, message):

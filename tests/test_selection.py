@@ -158,7 +158,7 @@ class ResolveSpecTest(parameterized.TestCase):
       ("stacked", optax_cdg.KernelSpec(-1, 3), (3, 3, 4, 8), "output",
        ValueError, "stacked_axes=3"),
       ("no_spatial", True, (4, 8), "spatial", ValueError, "spatial axes"),
-      ("vector", True, (8,), "output", ValueError, "at least 2 dimensions"),
+      ("vector", True, (8,), "output", ValueError, "needs 2 channel axes"),
       ("value", "yes", (3, 4, 8), "output", TypeError,
        "kernels=.yes. is not a selection of conv kernels. Pass kernels=None"),
   )

@@ -388,7 +388,7 @@ class BadInputTest(parameterized.TestCase):
       ("smoothing_zero_rew", dict(smoothing=0.0, metric="reweighted"),
        ValueError, "reweighted"),
       ("smoothing_inf", dict(smoothing=float("inf")), ValueError, "finite"),
-      ("smoothing_type", dict(smoothing="big"), TypeError, "real number"),
+      ("smoothing_type", dict(smoothing="big"), TypeError, "real scalar"),
       ("smoothing_vector", dict(smoothing=jnp.ones(3)), TypeError,
        "real scalar"),
       ("kernels_string", dict(kernels="conv"), TypeError,
