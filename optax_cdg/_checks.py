@@ -77,7 +77,7 @@ def check_smoothing(value: Any, metric: str,
   return number
 
 
-def _ints(value: Any, label: str) -> tuple[int, ...]:
+def ints(value: Any, label: str) -> tuple[int, ...]:
   """An int or a sequence of ints, as a tuple (a bool is not an int here)."""
   items = (value,) if isinstance(value, numbers.Integral) else value
   if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or any(
@@ -87,15 +87,6 @@ def _ints(value: Any, label: str) -> tuple[int, ...]:
   return tuple(int(a) for a in items)
 
 
-def sizes(value: int | Sequence[int]) -> tuple[int, ...]:
-  """Axis lengths: one or more non-negative ints."""
-  out = _ints(value, f"sizes={value!r}")
-  if not out or min(out) < 0:
-    raise ValueError(
-        f"sizes={value!r} must be one or more non-negative axis lengths.")
-  return out
-
-
 def axes(value: Any, shape: Sequence[int],
          label: str | None = None) -> tuple[int, ...]:
   """Sorted, distinct, non-negative axes of an array of `shape`.
@@ -103,7 +94,7 @@ def axes(value: Any, shape: Sequence[int],
   `label` names them in errors; the default is `axes=<value>`.
   """
   label = f"axes={value!r}" if label is None else label
-  items, ndim = _ints(value, label), len(shape)
+  items, ndim = ints(value, label), len(shape)
   if not items:
     raise ValueError(f"{label} must name at least one axis.")
   for a in items:
@@ -116,11 +107,3 @@ def axes(value: Any, shape: Sequence[int],
     raise ValueError(f"{label} names the same axis twice.")
   return tuple(out)
 
-
-def float_array(grad: Any) -> jax.Array:
-  """`grad` as an array, which must be real floating point."""
-  grad = grad if hasattr(grad, "dtype") else jnp.asarray(grad)
-  if not jnp.issubdtype(grad.dtype, jnp.floating):
-    raise TypeError(
-        f"grad must be a real floating-point array; got dtype {grad.dtype}.")
-  return grad

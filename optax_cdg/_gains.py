@@ -131,5 +131,9 @@ def spectral_gain(
     <https://doi.org/10.1007/s11263-006-0635-2>`_, IJCV 2007.
   """
   _checks.check_options(metric=metric, boundary=boundary, scale=scale)
-  return gain(_checks.sizes(sizes), _checks.check_smoothing(smoothing, metric),
-              metric, boundary, scale)
+  lengths = _checks.ints(sizes, f"sizes={sizes!r}")
+  if not lengths or min(lengths) < 0:
+    raise ValueError(
+        f"sizes={sizes!r} must be one or more non-negative axis lengths.")
+  return gain(lengths, _checks.check_smoothing(smoothing, metric), metric,
+              boundary, scale)

@@ -125,7 +125,10 @@ def apply(grad: Any, lam: float | jax.Array, *, metric: str,
   Fiber-local on every device, however `grad` is sharded: a mesh axis that
   splits the fibers is moved to another axis while they are transformed.
   """
-  grad = _checks.float_array(grad)
+  grad = grad if hasattr(grad, "dtype") else jnp.asarray(grad)
+  if not jnp.issubdtype(grad.dtype, jnp.floating):
+    raise TypeError(
+        f"grad must be a real floating-point array; got dtype {grad.dtype}.")
   axes = _checks.axes(axes, grad.shape)
   sizes = tuple(grad.shape[a] for a in axes)
   if metric == "l2" or grad.size == 0 or all(n == 1 for n in sizes):

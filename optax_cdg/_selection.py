@@ -95,11 +95,9 @@ def is_passthrough(x: Any) -> bool:
 
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:
   """The names along a key path, without the `.value` of an nnx Variable."""
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
-      path[-1].name == "value"):
+  if path[-1:] == (jax.tree_util.GetAttrKey("value"),):
     path = path[:-1]
-  return tuple(str(next((getattr(k, a) for a in ("key", "name", "idx")
-                         if hasattr(k, a)), k)) for k in path)
+  return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
 
 
 def format_path(path: Sequence[Any]) -> str:
@@ -136,10 +134,8 @@ def _equinox_conv(module: Any) -> Any:
   k = getattr(w, "ndim", -1) - module.num_spatial_dims - 2
   spec = (KernelSpec(k, k, k + 1)
           if k >= 0 and jnp.issubdtype(w.dtype, jnp.floating) else False)
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: x if is_passthrough(x) else (
-          spec if path_names(p) == ("weight",) else False),
-      module, is_leaf=is_passthrough)
+  return jax.tree_util.tree_map_with_path(  # None and masked leaves stay
+      lambda p, x: spec if path_names(p) == ("weight",) else False, module)
 
 
 def conv_kernels(tree: Any) -> Any:
@@ -184,22 +180,20 @@ def conv_kernels(tree: Any) -> Any:
   eqx = sys.modules.get("equinox")  # imported by the user if modules exist
   convs = (eqx.nn.Conv, eqx.nn.ConvTranspose) if eqx else ()
 
-  def select(path, x):
-    if is_passthrough(x):
-      return x
-    if eqx and isinstance(x, eqx.Module):  # in a module, only its convs
+  def is_module(x):
+    return eqx is not None and isinstance(x, eqx.Module)
+
+  def select(path, x):  # None and MaskedNode have no leaves: they stay
+    if is_module(x):  # in a module, only its convs
       return jax.tree.map(
-          lambda y: y if is_passthrough(y) else (
-              _equinox_conv(y) if isinstance(y, convs) else False),
-          x, is_leaf=lambda y: is_passthrough(y) or isinstance(y, convs))
+          lambda y: _equinox_conv(y) if isinstance(y, convs) else False,
+          x, is_leaf=lambda y: isinstance(y, convs))
     names = path_names(path)
     return (bool(names) and names[-1] == "kernel" and np.ndim(x) >= 3
             and jnp.issubdtype(getattr(x, "dtype", object), jnp.floating)
             and not any(_NOT_CONV.match(n) for n in names[:-1]))
 
-  return jax.tree_util.tree_map_with_path(
-      select, tree, is_leaf=lambda x: is_passthrough(x) or (
-          eqx is not None and isinstance(x, eqx.Module)))
+  return jax.tree_util.tree_map_with_path(select, tree, is_leaf=is_module)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -365,8 +359,8 @@ def nnx_conv_kernels(model: Any) -> PathSelection:
     >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   """
   nnx = _flax_api("flax.nnx", "nnx_conv_kernels", "model", model)
-  convs = tuple(getattr(nnx, t) for t in ("Conv", "ConvTranspose", "ConvLocal")
-                if hasattr(nnx, t))
+  # nnx.ConvLocal only where this Flax has it.
+  convs = (nnx.Conv, nnx.ConvTranspose, getattr(nnx, "ConvLocal", nnx.Conv))
   specs: Recorded = {}
   for path, m in nnx.iter_modules(model):
     if isinstance(m, convs) and getattr(m, "kernel", None) is not None:
@@ -397,7 +391,7 @@ def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
 
   The value is None, a bool, an output axis (int) or a KernelSpec.
   """
-  if spec is None or spec is False:
+  if spec is None or spec is False or is_passthrough(leaf):
     return None
   if spec is True or isinstance(spec, numbers.Integral):
     spec = KernelSpec(-1 if spec is True else int(spec))
@@ -465,8 +459,7 @@ def map_selected(fn: Callable[[Any, tuple[int, ...]], Any], updates: Any,
         f"or pass kernels=None to guess. They differ: {e}") from e
 
   def one(path, spec, p, x):
-    axes = None if is_passthrough(x) else resolve_spec(spec, path + p, x,
-                                                       direction)
+    axes = resolve_spec(spec, path + p, x, direction)
     return rest(x) if axes is None else fn(x, axes)
 
   out = [jax.tree_util.tree_map_with_path(functools.partial(one, path, spec),
@@ -483,7 +476,7 @@ def check_kernels(kernels: Any) -> None:
         f"kernels={type(kernels).__name__}(...) is a model, not a selection "
         "of its conv kernels: pass optax_cdg.nnx_conv_kernels(model), "
         "optax_cdg.linen_conv_kernels(module, x) or, for Equinox, None.")
-  if kernels is not None and not callable(kernels):
+  if not callable(kernels):  # None is a spec leaf
     for path, spec in jax.tree_util.tree_flatten_with_path(
         kernels, is_leaf=is_spec_leaf)[0]:
       if not is_spec_leaf(spec):
@@ -493,8 +486,7 @@ def check_kernels(kernels: Any) -> None:
 def warn_nothing_selected(updates: Any, kernels: Any) -> None:
   """Warns (NoKernelsSelectedWarning) when `updates` hold arrays."""
   arrays = [f"{format_path(p)} {x.shape}" for p, x in
-            jax.tree_util.tree_flatten_with_path(updates)[0]
-            if hasattr(x, "shape")]
+            jax.tree_util.tree_leaves_with_path(updates) if hasattr(x, "shape")]
   if not arrays:  # nothing could have been transformed
     return
   what = ("kernels=None (the guess)" if kernels is None else
