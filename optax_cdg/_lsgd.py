@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_cdg import _checks
@@ -17,20 +18,7 @@ def torch_layout_permutation(ndim: int) -> tuple[int, ...]:
   Conv kernels `(*spatial, in, out)` become `(out, in, *spatial)` (OIHW); Dense
   kernels `(in, out)` become `(out, in)`; vectors stay as they are.
   """
-  if ndim < 2:
-    return tuple(range(ndim))
-  return (ndim - 1, ndim - 2, *range(ndim - 2))
-
-
-def _smooth_flat(x: jax.Array, sigma: float | jax.Array,
-                 method: str) -> jax.Array:
-  perm = torch_layout_permutation(x.ndim)
-  t = jnp.transpose(x, perm)
-  flat = _operator.apply(
-      t.reshape(-1), sigma, metric="sobolev", axes=0, boundary="periodic",
-      scale="grid", method=method)
-  inverse = tuple(perm.index(i) for i in range(x.ndim))
-  return jnp.transpose(flat.reshape(t.shape), inverse)
+  return (*range(ndim)[::-1][:2], *range(ndim - 2))
 
 
 def laplacian_smoothing(
@@ -88,7 +76,12 @@ def laplacian_smoothing(
       if (_selection.is_passthrough(x) or x.size < 2
           or not jnp.issubdtype(x.dtype, jnp.floating)):
         return x
-      return _smooth_flat(x, lam, method)
+      perm = torch_layout_permutation(x.ndim)
+      t = jnp.transpose(x, perm)
+      flat = _operator.apply(
+          t.reshape(-1), lam, metric="sobolev", axes=0, boundary="periodic",
+          scale="grid", method=method)
+      return jnp.transpose(flat.reshape(t.shape), np.argsort(perm))
 
     return jax.tree.map(one, updates, is_leaf=_selection.is_passthrough), state
 

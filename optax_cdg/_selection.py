@@ -78,7 +78,7 @@ class NoKernelsSelectedWarning(UserWarning):
     ...   try:
     ...     tx.update(grads, tx.init(grads))
     ...   except optax_cdg.NoKernelsSelectedWarning as e:
-    ...     print(str(e)[:34])
+    ...     print(str(e)[:33])
     channel_directed changed nothing:
   """
 
