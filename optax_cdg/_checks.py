@@ -44,9 +44,12 @@ def check_options(**values: Any) -> None:
         "only 'reweighted' and 'l2' have a closed form; use 'auto' or 'fft'.")
 
 
-def check_smoothing(value: Any, metric: str,
-                    name: str = "smoothing") -> float | jax.Array:
+def check_smoothing(value: Any, metric: str, name: str = "smoothing",
+                    expected: str = "a real scalar") -> float | jax.Array:
   """`lam` for `metric`: a Python float, or for a traced value a jax scalar.
+
+  `expected` is what the caller takes, for the error ("a real scalar or a
+  schedule" where a schedule is allowed).
 
   `metric`'s `A` is positive definite for a finite `lam >= 0` ("sobolev",
   "l2") or `lam > 0` ("sobolev_mean", "reweighted"). A traced value cannot
@@ -59,8 +62,8 @@ def check_smoothing(value: Any, metric: str,
   arr = value if traced else np.asarray(value)
   if np.ndim(arr) or not jnp.issubdtype(arr.dtype, jnp.number):
     got = "a traced value" if traced else f"{name}={value!r}"
-    raise TypeError(f"{name} must be a real scalar or a schedule; got {got} of "
-                    f"shape {np.shape(arr)} and dtype {arr.dtype}.")
+    raise TypeError(f"{name} must be {expected}; got {got} of shape "
+                    f"{np.shape(arr)} and dtype {arr.dtype}.")
   positive = metric in ("sobolev_mean", "reweighted")
   if traced:
     lam = jnp.real(arr).astype(jnp.result_type(float))

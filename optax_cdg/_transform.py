@@ -134,7 +134,8 @@ def channel_directed(
                         boundary=boundary, scale=scale, method=method)
   is_schedule = callable(smoothing)
   if not is_schedule:
-    smoothing = _checks.check_smoothing(smoothing, metric)
+    smoothing = _checks.check_smoothing(
+        smoothing, metric, expected="a real scalar or a schedule")
   _selection.check_kernels(kernels)
 
   def init_fn(params):

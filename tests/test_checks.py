@@ -33,6 +33,24 @@ class OptionHintTest(parameterized.TestCase):
     assert f"method={value!r} is not supported" in str(info.value)
 
 
+  def test_a_schedule_is_offered_only_where_it_is_taken(self):
+    schedule = optax.constant_schedule(0.1)
+    for call, name in (
+        (lambda: optax_cdg.metric_gradient(jnp.ones((2, 8)), schedule),
+         "smoothing"),
+        (lambda: optax_cdg.spectral_gain(8, schedule), "smoothing"),
+        (lambda: optax_cdg.laplacian_smoothing(schedule), "sigma")):
+      with pytest.raises(TypeError, match=f"^{name} must be a real scalar; "
+                         f"got {name}=<function"):
+        call()
+    with pytest.raises(TypeError, match="^smoothing must be a real scalar or "
+                       "a schedule; got smoothing='0.1'"):
+      optax_cdg.channel_directed("0.1")
+    with pytest.raises(TypeError, match="^smoothing must be a real scalar or "
+                       "a schedule; got smoothing='0.1'"):
+      optax_cdg.cdg_sgd(0.1, smoothing="0.1")
+
+
 class ComplexSmoothingTest(parameterized.TestCase):
   """optax.inject_hyperparams casts smoothing to the params' widest dtype."""
 
