@@ -48,15 +48,13 @@ def check_smoothing(value: Any, metric: str, name: str = "smoothing",
                     expected: str = "a real scalar") -> float | jax.Array:
   """`lam` for `metric`: a Python float, or for a traced value a jax scalar.
 
-  `expected` is what the caller takes, for the error ("a real scalar or a
-  schedule" where a schedule is allowed).
-
   `metric`'s `A` is positive definite for a finite `lam >= 0` ("sobolev",
   "l2") or `lam > 0` ("sobolev_mean", "reweighted"). A traced value cannot
   raise, so one that is invalid (or has an imaginary part) becomes NaN, which
   poisons every gain. A complex value with a zero imaginary part counts as
   real: `optax.inject_hyperparams` casts hyperparameters to the params'
-  widest dtype, complex included.
+  widest dtype, complex included. `expected` names what the caller takes, in
+  the TypeError ("a real scalar or a schedule" where a schedule is allowed).
   """
   traced = isinstance(value, jax.core.Tracer)
   arr = value if traced else np.asarray(value)

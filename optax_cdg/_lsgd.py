@@ -18,7 +18,9 @@ def torch_layout_permutation(ndim: int) -> tuple[int, ...]:
   Conv kernels `(*spatial, in, out)` become `(out, in, *spatial)` (OIHW); Dense
   kernels `(in, out)` become `(out, in)`; vectors stay as they are.
   """
-  return (*range(ndim)[::-1][:2], *range(ndim - 2))
+  if ndim < 2:
+    return tuple(range(ndim))
+  return (ndim - 1, ndim - 2, *range(ndim - 2))
 
 
 def laplacian_smoothing(

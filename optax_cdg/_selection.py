@@ -326,10 +326,11 @@ def linen_conv_kernels(module: Any, *example_args: Any,
 def nnx_conv_kernels(model: Any) -> PathSelection:
   """Selects exactly the conv kernels of a Flax nnx model.
 
-  Walks the model's modules and records the `kernel` of every `nnx.Conv`,
-  `nnx.ConvTranspose` and `nnx.ConvLocal` (subclasses too), with its output
-  axis (-2 for `transpose_kernel=True`) and any layer axes
-  `nnx.vmap`/`nnx.scan` stacked onto it.
+  Walks the model's modules and records the `kernel` of every `nnx.Conv` and
+  `nnx.ConvTranspose` (subclasses too; `nnx.ConvLocal` as well, in a Flax
+  that has one: 0.12 has none), with its output axis (-2 for
+  `transpose_kernel=True`) and any layer axes `nnx.vmap`/`nnx.scan` stacked
+  onto it.
 
   Args:
     model: an `nnx.Module`.
@@ -359,8 +360,8 @@ def nnx_conv_kernels(model: Any) -> PathSelection:
     >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   """
   nnx = _flax_api("flax.nnx", "nnx_conv_kernels", "model", model)
-  # nnx.ConvLocal only where this Flax has it.
-  convs = (nnx.Conv, nnx.ConvTranspose, getattr(nnx, "ConvLocal", nnx.Conv))
+  convs = tuple(getattr(nnx, t) for t in ("Conv", "ConvTranspose", "ConvLocal")
+                if hasattr(nnx, t))
   specs: Recorded = {}
   for path, m in nnx.iter_modules(model):
     if isinstance(m, convs) and getattr(m, "kernel", None) is not None:

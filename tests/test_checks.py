@@ -33,6 +33,8 @@ class OptionHintTest(parameterized.TestCase):
     assert f"method={value!r} is not supported" in str(info.value)
 
 
+class SmoothingTypeTest(parameterized.TestCase):
+
   def test_a_schedule_is_offered_only_where_it_is_taken(self):
     schedule = optax.constant_schedule(0.1)
     for call, name in (
