@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 import dataclasses
+import functools
 import gzip
 import json
 import math
@@ -352,7 +353,9 @@ def make_tx(optimizer: str, method: Method,
   return _TX_CACHE[key]
 
 
+@functools.cache
 def _provenance() -> dict[str, Any]:
+  """The code and host of this process (the commit it started from)."""
   here = os.path.dirname(os.path.abspath(__file__))
   try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here,
@@ -470,6 +473,7 @@ def work(out: str, data: dict[str, Split], config: Config,
   """Trains what the plan still needs until nothing is left; returns how
   many runs this worker trained."""
   os.makedirs(out, exist_ok=True)
+  _provenance()  # now, before the checkout can change under this process
   trained = 0
   while True:
     records = load_records(out, config)
