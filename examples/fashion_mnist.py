@@ -187,6 +187,12 @@ class FashionCNN(nn.Module):
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
+@functools.cache
+def _model(widths: tuple[int, ...]) -> FashionCNN:
+  """One instance per widths: the compiled steps are keyed on its apply."""
+  return FashionCNN(widths)
+
+
 # ------------------------------------------------------------------- plan
 
 
@@ -382,7 +388,7 @@ def train_run(run: Run, data: dict[str, Split], config: Config) -> dict:
   train = data["train"]
   if config.train_size is not None:
     train = Split(train.x[:config.train_size], train.y[:config.train_size])
-  model = FashionCNN(tuple(config.widths))
+  model = _model(tuple(config.widths))
   steps_per_epoch = len(train.x) // config.batch_size
   tx = make_tx(run.optimizer, run.method, config.epochs * steps_per_epoch)
   state = create_state(model, tx, train.x, run.seed)
@@ -506,14 +512,18 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
   return {"mean": mean, "ci95": ci, "sd": sd, "n": len(values)}
 
 
-def summarize(records: Sequence[dict], config: Config) -> dict[str, Any]:
+def summarize(records: Sequence[dict], config: Config,
+              phases: Sequence[str]) -> dict[str, Any]:
   """Per optimizer: the tuning grid, the chosen rates, and the final
-  seeds' test accuracy and paired deltas to the baseline."""
+  seeds' test accuracy and paired deltas to the baseline. Complete when
+  `phases` need no more runs."""
   planner = Planner(config, records)
-  planner.plan(("primary", "secondary"))
+  done = {r["key"] for r in records}
+  missing = [r for r in planner.plan(phases) if r.key not in done]
   by_key = {r["key"]: r for r in records}
   out: dict[str, Any] = {"config": dataclasses.asdict(config),
-                         "complete": not planner.pending, "optimizers": {}}
+                         "phases": list(phases), "missing_runs": len(missing),
+                         "optimizers": {}}
   for opt in OPTIMIZERS:
     tuning: dict[str, dict[str, Any]] = {}
     for r in records:
@@ -568,9 +578,9 @@ def markdown(results: dict) -> str:
            "of the 95 % t-interval over the final seeds; MDE: the smallest "
            "paired effect the design detects (two-sided 5 %, 80 % power).",
            "", f"Runs: {results['runs']}, {results['hours']:.1f} hours of "
-           "training summed over workers. Complete: "
-           f"{'yes' if results['complete'] else 'no (runs are missing)'}.",
-           ""]
+           f"training summed over workers. Phases: "
+           f"{', '.join(results['phases'])}; runs the plan still needs: "
+           f"{results['missing_runs']}.", ""]
   for opt, res in results["optimizers"].items():
     lines += [f"## {opt}", "",
               "| method | phase | lr | seeds | test acc % | val acc % | "
@@ -627,9 +637,10 @@ def plot_deltas(results: dict, path: str) -> None:
   plt.close(fig)
 
 
-def report(out: str, results_dir: str, config: Config) -> dict:
+def report(out: str, results_dir: str, config: Config,
+           phases: Sequence[str] = ("primary", "secondary")) -> dict:
   """results.json, results.md and paired_deltas.png from DIR's records."""
-  results = summarize(load_records(out, config), config)
+  results = summarize(load_records(out, config), config, phases)
   os.makedirs(results_dir, exist_ok=True)
   with open(os.path.join(results_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
@@ -672,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
     raise SystemExit(f"--phases={args.phases!r}: expected primary or "
                      "primary,secondary.")
   if args.report:
-    return report(args.out, args.results or args.out, config)
+    return report(args.out, args.results or args.out, config, phases)
   data = load_fashion_mnist(args.data_dir, config.val_size)
   return work(args.out, data, config, phases)
 

@@ -1,0 +1,295 @@
+"""Tests of examples/fashion_mnist.py: the IDX reader on files written here,
+the plan's rules on made-up records, and a tiny end-to-end study (no
+dataset needed)."""
+
+import dataclasses
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+
+import _extras
+
+# examples/ is on the path (pyproject's pythonpath), as for a script there.
+import fashion_mnist as fm
+
+
+def _tmpdir(test) -> str:
+  d = tempfile.TemporaryDirectory()
+  test.addCleanup(d.cleanup)
+  return d.name
+
+
+def _write_dataset(directory: str, train: int = 40, test: int = 16,
+                   size: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+  """A learnable toy Fashion-MNIST: each class brightens its own rows."""
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for split, n in (("train", train), ("test", test)):
+    y = rng.integers(0, 10, n).astype(np.uint8)
+    x = rng.integers(0, 40, (n, size, size)).astype(np.uint8)
+    x[np.arange(n), y % size] += 200
+    images, labels = fm.FILES[split]
+    fm.write_idx(os.path.join(directory, images), x)
+    fm.write_idx(os.path.join(directory, labels), y)
+    arrays[split] = (x, y)
+  return arrays
+
+
+class IdxTest(parameterized.TestCase):
+
+  def test_round_trip(self):
+    path = os.path.join(_tmpdir(self), "a.gz")
+    x = np.arange(60, dtype=np.uint8).reshape(3, 4, 5)
+    fm.write_idx(path, x)
+    np.testing.assert_array_equal(fm.read_idx(path), x)
+    fm.write_idx(path, x[:, 0, 0])
+    np.testing.assert_array_equal(fm.read_idx(path), x[:, 0, 0])
+
+  def test_reads_the_published_header(self):
+    # The IDX header written byte by byte, as the format describes it.
+    path = os.path.join(_tmpdir(self), "labels.gz")
+    with gzip.open(path, "wb") as f:
+      f.write(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 0, 9]))
+    np.testing.assert_array_equal(fm.read_idx(path), [7, 0, 9])
+
+  @parameterized.named_parameters(
+      ("not_idx", bytes([1, 0, 8, 1, 0, 0, 0, 1, 5]), "two zero bytes"),
+      ("float_type", bytes([0, 0, 0x0D, 1, 0, 0, 0, 1, 5]), "type 0x0d"),
+      ("short_header", bytes([0, 0, 8, 3, 0, 0]), "inside its header"),
+      ("short_data", bytes([0, 0, 8, 1, 0, 0, 0, 3, 5]), r"shape \(3,\)"),
+  )
+  def test_rejects(self, data, message):
+    path = os.path.join(_tmpdir(self), "bad.gz")
+    with gzip.open(path, "wb") as f:
+      f.write(data)
+    with self.assertRaisesRegex(ValueError, message):
+      fm.read_idx(path)
+
+
+class LoadTest(absltest.TestCase):
+
+  def test_splits(self):
+    d = _tmpdir(self)
+    arrays = _write_dataset(d, train=40, test=16)
+    data = fm.load_fashion_mnist(d, val=10)
+    self.assertEqual([len(data[k].x) for k in ("train", "val", "test")],
+                     [30, 10, 16])
+    for split in data.values():
+      self.assertEqual(split.x.dtype, np.float32)
+      self.assertEqual(split.x.shape[1:], (8, 8, 1))
+      self.assertTrue(0.0 <= split.x.min() and split.x.max() <= 1.0)
+    # Train and validation partition the training file.
+    x, y = arrays["train"]
+    got = np.concatenate([data["train"].x, data["val"].x])[..., 0]
+    want = x / np.float32(255.0)
+    order = lambda a: np.lexsort(a.reshape(len(a), -1).T)  # noqa: E731
+    np.testing.assert_array_equal(got[order(got)], want[order(want)])
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate([data["train"].y, data["val"].y])), np.sort(y))
+    np.testing.assert_array_equal(data["test"].y, arrays["test"][1])
+    # The split is fixed by its seed.
+    again = fm.load_fashion_mnist(d, val=10)
+    np.testing.assert_array_equal(again["val"].y, data["val"].y)
+
+  def test_missing_file_names_the_package(self):
+    d = _tmpdir(self)
+    _write_dataset(d)
+    os.remove(os.path.join(d, "t10k-labels-idx1-ubyte.gz"))
+    with self.assertRaisesRegex(FileNotFoundError,
+                                r"t10k-labels.*apt-get install "
+                                r"dataset-fashion-mnist.*--data-dir"):
+      fm.load_fashion_mnist(d)
+
+  def test_rejects_bad_labels_and_val(self):
+    d = _tmpdir(self)
+    _write_dataset(d)
+    with self.assertRaisesRegex(ValueError, "val=40 must leave"):
+      fm.load_fashion_mnist(d, val=40)
+    fm.write_idx(os.path.join(d, "train-labels-idx1-ubyte.gz"),
+                 np.full(40, 10, np.uint8))
+    with self.assertRaisesRegex(ValueError, "label 10 is not a class"):
+      fm.load_fashion_mnist(d, val=10)
+
+
+CONFIG = fm.Config(tune_seeds=(0, 1), final_seeds=(10, 11, 12))
+
+
+def _records(val: dict, config=CONFIG, test=None) -> list[dict]:
+  """Made-up records: `val[(optimizer, method label, lr)]` for every seed."""
+  out = []
+  for (opt, label, lr), acc in val.items():
+    for s in config.tune_seeds:
+      out.append({"key": f"{opt} {label} lr={lr!r} seed={s}",
+                  "val_acc": acc})
+  for key, acc in (test or {}).items():
+    out.append({"key": key, "val_acc": acc})
+  return out
+
+
+def _plan(val, phases=("primary",)):
+  planner = fm.Planner(CONFIG, _records(val))
+  return planner, planner.plan(phases)
+
+
+B, D = fm.BASELINE.label, fm.DEFAULT.label
+
+
+class PlanTest(absltest.TestCase):
+
+  def test_first_the_primary_tuning_runs(self):
+    planner, runs = _plan({})
+    self.assertTrue(planner.pending)
+    self.assertLen(runs, 2 * 2 * 3 * 2)  # optimizers, methods, rates, seeds
+    self.assertFalse(any(r.final for r in runs))
+    self.assertEqual({r.method for r in runs}, {fm.BASELINE, fm.DEFAULT})
+
+  def test_finals_at_the_chosen_rate(self):
+    val = {("sgd", B, 0.05): 0.80, ("sgd", B, 0.1): 0.90, ("sgd", B, 0.2): 0.85}
+    _, runs = _plan(val)
+    finals = [r for r in runs if r.final]
+    self.assertEqual([(r.optimizer, r.method, r.lr, r.seed) for r in finals],
+                     [("sgd", fm.BASELINE, 0.1, s) for s in (10, 11, 12)])
+    self.assertNotIn(0.4, {r.lr for r in runs if r.method == fm.BASELINE
+                           and r.optimizer == "sgd"})
+
+  def test_an_edge_choice_extends_the_grid_twice_at_most(self):
+    val = {("sgd", B, lr): acc for lr, acc in
+           ((0.05, 0.7), (0.1, 0.8), (0.2, 0.9))}
+    _, runs = _plan(val)
+    sgd = {r.lr for r in runs if r.method == fm.BASELINE
+           and r.optimizer == "sgd"}
+    self.assertEqual(sgd, {0.4})  # the next rate up, tuning seeds only
+    val[("sgd", B, 0.4)] = 0.95
+    val[("sgd", B, 0.8)] = 0.96
+    _, runs = _plan(val)
+    finals = {r.lr for r in runs if r.final}
+    self.assertEqual(finals, {0.8})  # two extensions: no 1.6
+    # At the low edge, halves.
+    val = {("adamw", D, lr): acc for lr, acc in
+           ((1e-3, 0.9), (2e-3, 0.8), (4e-3, 0.7))}
+    _, runs = _plan(val)
+    self.assertEqual({r.lr for r in runs if r.method == fm.DEFAULT
+                      and r.optimizer == "adamw"}, {5e-4})
+
+  def test_secondary_directions_and_smoothing(self):
+    val = {(opt, label, lr): 0.9 if lr == grid[1] else 0.8
+           for opt, grid in CONFIG.lr_grid for label in (B, D)
+           for lr in grid}
+    _, runs = _plan(val, ("primary", "secondary"))
+    tuning = {(r.optimizer, r.method.label, r.lr) for r in runs
+              if not r.final and r.phase == "secondary"}
+    self.assertIn(("sgd", "cdg input 0.1", 0.05), tuning)
+    self.assertIn(("adamw", "cdg spatial 0.1", 4e-3), tuning)
+    # The sweep at the default's rate, 0.1 itself already tuned.
+    self.assertIn(("sgd", "cdg output 0.3", 0.1), tuning)
+    self.assertNotIn(("sgd", "cdg output 0.1", 0.1), tuning)
+    # 0.3 wins on validation for SGD, nothing beats 0.1 for AdamW.
+    for lam, acc in ((0.03, 0.85), (0.3, 0.95), (1.0, 0.9)):
+      val[("sgd", f"cdg output {lam:g}", 0.1)] = acc
+      val[("adamw", f"cdg output {lam:g}", 2e-3)] = 0.9  # a tie: the default
+    _, runs = _plan(val, ("primary", "secondary"))
+    chosen = {(r.optimizer, r.method.label, r.lr) for r in runs
+              if r.final and r.method.direction == "output"
+              and r.method.smoothing not in (None, 0.1)}
+    self.assertEqual(chosen, {("sgd", "cdg output 0.3", 0.1)})
+
+
+class ClaimTest(absltest.TestCase):
+
+  def test_claims_are_exclusive_until_their_process_ends(self):
+    out = _tmpdir(self)
+    self.assertTrue(fm.claim(out, "sgd baseline lr=0.1 seed=0"))
+    self.assertFalse(fm.claim(out, "sgd baseline lr=0.1 seed=0"))
+    # A claim left by a process that has ended is taken over.
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    path = fm._claim_path(out, "adamw baseline lr=0.001 seed=1")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      f.write(ended.stdout.strip())
+    self.assertTrue(fm.claim(out, "adamw baseline lr=0.001 seed=1"))
+
+
+TINY = fm.Config(widths=(2, 2, 4), epochs=1, batch_size=8, val_size=8,
+                 lr_grid=(("sgd", (0.05, 0.1, 0.2)),
+                          ("adamw", (1e-3, 2e-3, 4e-3))),
+                 max_extensions=0, tune_seeds=(0,), final_seeds=(10, 11))
+
+
+def by_key(records):
+  return {r["key"]: r for r in records}
+
+
+def _parse(key):
+  """(optimizer, method, lr, seed) of a run's key."""
+  opt, rest = key.split(" ", 1)
+  label, lr, seed = rest.rsplit(" ", 2)
+  if label == "baseline":
+    method = fm.BASELINE
+  else:
+    _, direction, lam = label.split(" ")
+    method = fm.Method(float(lam), direction)
+  return (opt, method, float(lr.split("=")[1]), int(seed.split("=")[1]))
+
+
+class EndToEndTest(absltest.TestCase):
+
+  def test_a_tiny_study_trains_resumes_and_reports(self):
+    matplotlib = _extras.require("matplotlib")
+    del matplotlib
+    d, out = _tmpdir(self), _tmpdir(self)
+    _write_dataset(d, train=40, test=16)
+    data = fm.load_fashion_mnist(d, val=TINY.val_size)
+    logs = []
+    trained = fm.work(out, data, TINY, ("primary",), poll=0.0,
+                      log=lambda *a, **k: logs.append(a))
+    # 2 optimizers x 2 methods x (3 tuning rates + 2 final seeds).
+    self.assertEqual(trained, 20)
+    records = fm.load_records(out, TINY)
+    self.assertLen(records, 20)
+    self.assertEqual(sum(r["test_acc"] is not None for r in records), 8)
+    self.assertEqual(fm.work(out, data, TINY, ("primary",), poll=0.0), 0)
+    # Another config does not see these records.
+    self.assertEqual(fm.load_records(out, dataclasses.replace(TINY,
+                                                              epochs=2)), [])
+    # A run is fixed by its seed: trained again, it gives the same record.
+    key = next(r["key"] for r in records if r["final"])
+    again = fm.train_run(fm.Run("primary", *_parse(key), final=True), data,
+                         TINY)
+    self.assertEqual(again["key"], key)
+    for field in ("train_loss", "val_curve", "test_acc"):
+      self.assertEqual(again[field], by_key(records)[key][field], field)
+
+    results = fm.report(out, out, TINY, ("primary",))
+    self.assertEqual(results["missing_runs"], 0)
+    index = by_key(records)
+    for opt, res in results["optimizers"].items():
+      rows = {r["method"]: r for r in res["rows"]}
+      self.assertEqual(set(rows), {B, D})
+      lr_b, lr_d = rows[B]["lr"], rows[D]["lr"]
+      for s in TINY.final_seeds:
+        want = (index[f"{opt} {D} lr={lr_d!r} seed={s}"]["test_acc"]
+                - index[f"{opt} {B} lr={lr_b!r} seed={s}"]["test_acc"])
+        self.assertAlmostEqual(rows[D]["delta_test"]["per_seed"][s], want)
+    with open(os.path.join(out, "results.json")) as f:
+      self.assertEqual(json.load(f)["runs"], 20)
+    for name in ("results.md", "paired_deltas.png"):
+      self.assertTrue(os.path.exists(os.path.join(out, name)), name)
+
+  def test_help(self):
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, os.path.join(here, "examples", "fashion_mnist.py"),
+         "--help"], capture_output=True, text=True, check=True)
+    self.assertIn("--data-dir", done.stdout)
+
+
+if __name__ == "__main__":
+  absltest.main()
