@@ -208,8 +208,9 @@ class ClaimTest(absltest.TestCase):
     self.assertTrue(fm.claim(out, "sgd baseline lr=0.1 seed=0"))
     self.assertFalse(fm.claim(out, "sgd baseline lr=0.1 seed=0"))
     # A claim left by a process that has ended is taken over.
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                           capture_output=True, text=True, check=True)
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True, text=True, check=True)
     path = fm._claim_path(out, "adamw baseline lr=0.001 seed=1")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
