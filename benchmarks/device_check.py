@@ -299,9 +299,12 @@ def sec_compile(small: bool, reps: int) -> None:
   times: dict[str, list[float]] = {k: [] for k in fns}
   # A number's gains are compiled once per kernel shape and kept: cold means
   # without them too (0.2 had no such cache).
-  operator = getattr(optax_cdg, "_operator", None)
-  gains_cache = (getattr(operator, "_constants", None)  # 0.4
-                 or getattr(operator, "_gains_in_a_thread", None))
+  gains_cache = next((getattr(getattr(optax_cdg, m, None), f, None)
+                      for m, f in (("_apply", "_constants"),  # 0.4
+                                   ("_operator", "_constants"),  # 0.3
+                                   ("_operator", "_gains_in_a_thread"))
+                      if getattr(getattr(optax_cdg, m, None), f, None)),
+                     None)
   for _ in range(reps):
     for name, fn in fns.items():
       jax.clear_caches()

@@ -8,12 +8,12 @@ sees it (Lao et al., arXiv 2008.10766).
 from optax_cdg._alias import cdg_adamw
 from optax_cdg._alias import cdg_sgd
 from optax_cdg._alias import with_channel_directed
+from optax_cdg._apply import metric_gradient
 from optax_cdg._diagnostics import channel_spectrum
 from optax_cdg._gains import DEFAULT_SCALE
 from optax_cdg._gains import DEFAULT_SMOOTHING
 from optax_cdg._gains import spectral_gain
 from optax_cdg._lsgd import laplacian_smoothing
-from optax_cdg._operator import metric_gradient
 from optax_cdg._selection import conv_kernels
 from optax_cdg._selection import KernelSpec
 from optax_cdg._selection import linen_conv_kernels

@@ -44,8 +44,27 @@ def check_options(**values: Any) -> None:
         "only 'reweighted' and 'l2' have a closed form; use 'auto' or 'fft'.")
 
 
+def describe(value: Any) -> str:
+  """`value` as a user would name it: None, the str '0.1', an array of
+  shape (3,) and dtype float32."""
+  if value is None:
+    return "None"
+  if hasattr(value, "shape") and hasattr(value, "dtype"):
+    kind = {"U": "str", "S": "bytes", "O": "object"}.get(
+        np.dtype(value.dtype).kind, str(value.dtype))
+    traced = "a traced array" if isinstance(value, jax.core.Tracer) else (
+        "an array")
+    return f"{traced} of shape {tuple(value.shape)} and dtype {kind}"
+  if callable(value):
+    name = getattr(value, "__qualname__", type(value).__name__)
+    return f"the callable {name}"
+  text = repr(value)
+  text = text if len(text) <= 40 else text[:36] + " ..."
+  return f"the {type(value).__name__} {text}"
+
+
 def check_smoothing(value: Any, metric: str, name: str = "smoothing",
-                    expected: str = "a real scalar") -> float | jax.Array:
+                    expected: str = "a real number") -> float | jax.Array:
   """`lam` for `metric`: a Python float, or for a traced value a jax scalar.
 
   `metric`'s `A` is positive definite for a finite `lam >= 0` ("sobolev",
@@ -54,14 +73,12 @@ def check_smoothing(value: Any, metric: str, name: str = "smoothing",
   poisons every gain. A complex value with a zero imaginary part counts as
   real: `optax.inject_hyperparams` casts hyperparameters to the params'
   widest dtype, complex included. `expected` names what the caller takes, in
-  the TypeError ("a real scalar or a schedule" where a schedule is allowed).
+  the TypeError ("a real number or a schedule" where a schedule is allowed).
   """
   traced = isinstance(value, jax.core.Tracer)
   arr = value if traced else np.asarray(value)
   if np.ndim(arr) or not jnp.issubdtype(arr.dtype, jnp.number):
-    got = "a traced value" if traced else f"{name}={value!r}"
-    raise TypeError(f"{name} must be {expected}; got {got} of shape "
-                    f"{np.shape(arr)} and dtype {arr.dtype}.")
+    raise TypeError(f"{name} must be {expected}; got {describe(value)}.")
   positive = metric in ("sobolev_mean", "reweighted")
   if traced:
     lam = jnp.real(arr).astype(jnp.result_type(float))
@@ -73,7 +90,8 @@ def check_smoothing(value: Any, metric: str, name: str = "smoothing",
   number = float(np.real(arr))
   if not (np.isfinite(number) and (number > 0 if positive else number >= 0)):
     where = f" for metric={metric!r}" if name == "smoothing" else ""
-    raise ValueError(f"{name}={number!r} is not valid{where}: it must be a "
+    shown = value if type(value) in (int, float) else number
+    raise ValueError(f"{name}={shown!r} is not valid{where}: it must be a "
                      f"finite number {'>' if positive else '>='} 0.")
   return number
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_cdg import _apply
 from optax_cdg import _checks
-from optax_cdg import _operator
 from optax_cdg import _selection
 
 
@@ -25,8 +25,6 @@ def torch_layout_permutation(ndim: int) -> tuple[int, ...]:
 
 def laplacian_smoothing(
     sigma: float | jax.Array = 0.5,
-    *,
-    method: _checks.Method = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Laplacian smoothing of every gradient, flattened in PyTorch's layout.
 
@@ -46,7 +44,6 @@ def laplacian_smoothing(
   Args:
     sigma: the smoothing, `>= 0` (0 is the identity). Osher et al. use 0.5 for
       ResNets on CIFAR-10 (SGD, lr 0.12, Nesterov momentum 0.9, wd 5e-4).
-    method: as in :func:`metric_gradient`: "auto" or "fft" (the same here).
 
   Returns:
     A stateless :class:`optax.GradientTransformationExtraArgs`.
@@ -64,7 +61,6 @@ def laplacian_smoothing(
     Osher et al., `Laplacian Smoothing Gradient Descent
     <https://arxiv.org/abs/1806.06317>`_, 2018.
   """
-  _checks.check_options(method=method, metric="sobolev")
   lam = _checks.check_smoothing(sigma, "sobolev", name="sigma")
 
   def init_fn(params):
@@ -74,17 +70,18 @@ def laplacian_smoothing(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
 
-    def one(x):
+    def smooth_leaf(x):
       if (_selection.is_passthrough(x) or x.size < 2
           or not jnp.issubdtype(x.dtype, jnp.floating)):
         return x
       perm = torch_layout_permutation(x.ndim)
       t = jnp.transpose(x, perm)
-      flat = _operator.apply(
+      flat = _apply.apply(
           t.reshape(-1), lam, metric="sobolev", axes=0, boundary="periodic",
-          scale="grid", method=method)
+          scale="grid", method="fft")
       return jnp.transpose(flat.reshape(t.shape), np.argsort(perm))
 
-    return jax.tree.map(one, updates, is_leaf=_selection.is_passthrough), state
+    out = jax.tree.map(smooth_leaf, updates, is_leaf=_selection.is_passthrough)
+    return out, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -56,8 +56,15 @@ class KernelSpec(NamedTuple):
   input_axis: int | None = None
 
 
-# The conv kernels a helper recorded: each one's path, spec and shape.
-Recorded = dict[tuple[str, ...], tuple[KernelSpec, tuple[int, ...]]]
+class RecordedKernel(NamedTuple):
+  """A conv kernel a helper recorded from a model."""
+
+  spec: KernelSpec
+  shape: tuple[int, ...]
+
+
+# The conv kernels a helper recorded, by path.
+Recorded = dict[tuple[str, ...], RecordedKernel]
 
 
 class NoKernelsSelectedWarning(UserWarning):
@@ -132,7 +139,7 @@ def _equinox_conv(module: Any) -> Any:
   w = module.weight
   # (out, in // groups, *kernel_size); axes before those: filter_vmap's.
   k = getattr(w, "ndim", -1) - module.num_spatial_dims - 2
-  spec = (KernelSpec(k, k, k + 1)
+  spec = (KernelSpec(output_axis=k, num_stacked_axes=k, input_axis=k + 1)
           if k >= 0 and jnp.issubdtype(w.dtype, jnp.floating) else False)
   return jax.tree_util.tree_map_with_path(  # None and masked leaves stay
       lambda p, x: spec if path_names(p) == ("weight",) else False, module)
@@ -204,8 +211,9 @@ class PathSelection:
   selection serves `nnx.State`s of Variables, pure states and plain dicts.
   """
 
-  specs: Recorded
+  recorded: Recorded
   source: str  # what recorded them, as "nnx model Net"
+  params_hint: str  # how to get the parameters it selects in
 
   def __call__(self, updates: Any) -> Any:
     reject_step_count(updates, f"the selection of the {self.source}")
@@ -213,23 +221,23 @@ class PathSelection:
 
     def select(path, leaf):
       names = path_names(path)
-      if names not in self.specs:
+      if names not in self.recorded:
         return None if is_passthrough(leaf) else False
       seen.add(names)
-      spec, shape = self.specs[names]
-      if not is_passthrough(leaf) and tuple(leaf.shape) != shape:
+      kernel = self.recorded[names]
+      if not is_passthrough(leaf) and tuple(leaf.shape) != kernel.shape:
         raise ValueError(f"kernels: the {self.source} has {format_path(path)}"
-                         f" of shape {shape}; the updates, {leaf.shape}.")
-      return spec
+                         f" of shape {kernel.shape}; the updates, "
+                         f"{leaf.shape}.")
+      return kernel.spec
 
     out = jax.tree_util.tree_map_with_path(select, updates,
                                            is_leaf=is_passthrough)
-    if self.specs and not seen:
+    if self.recorded and not seen:
       raise ValueError(
-          f"kernels: none of the {len(self.specs)} conv kernels of the "
-          f"{self.source} (such as {'/'.join(next(iter(self.specs)))}) is in "
-          "the updates: pass its parameters, `module.init(...)['params']` or "
-          "`nnx.state(model, nnx.Param)`.")
+          f"kernels: none of the {len(self.recorded)} conv kernels of the "
+          f"{self.source} (such as {'/'.join(next(iter(self.recorded)))}) is "
+          f"in the updates: pass its parameters, {self.params_hint}.")
     return out
 
 
@@ -254,7 +262,9 @@ def _record(specs: Recorded, names: tuple[str, ...], shape: Sequence[int],
   if stacked < 0 or tuple(shape[stacked:]) != tuple(inner):  # not leading
     raise ValueError(f"kernels: {'/'.join(names)} of shape {tuple(shape)} "
                      f"does not stack its layers' {tuple(inner)}.")
-  specs[names] = (KernelSpec(-2 if transposed else -1, stacked), tuple(shape))
+  specs[names] = RecordedKernel(
+      KernelSpec(output_axis=-2 if transposed else -1,
+                 num_stacked_axes=stacked), tuple(shape))
 
 
 def linen_conv_kernels(module: Any, *example_args: Any,
@@ -320,7 +330,8 @@ def linen_conv_kernels(module: Any, *example_args: Any,
       variables.get("params", {}))[0]:
     if (names := path_names(path)) in found:
       _record(specs, names, leaf.shape, *found[names])
-  return PathSelection(specs, f"linen module {type(module).__name__}")
+  return PathSelection(specs, f"linen module {type(module).__name__}",
+                       "module.init(...)['params']")
 
 
 def nnx_conv_kernels(model: Any) -> PathSelection:
@@ -367,27 +378,36 @@ def nnx_conv_kernels(model: Any) -> PathSelection:
     if isinstance(m, convs) and getattr(m, "kernel", None) is not None:
       _record(specs, tuple(map(str, path)) + ("kernel",), jnp.shape(m.kernel),
               m.kernel_shape, getattr(m, "transpose_kernel", False))
-  return PathSelection(specs, f"nnx model {type(model).__name__}")
+  return PathSelection(specs, f"nnx model {type(model).__name__}",
+                       "nnx.state(model, nnx.Param)")
 
 
 def _spec_error(value: Any, path: Sequence[Any]) -> TypeError:
-  """The error for a value of a `kernels` argument that is not a selection."""
-  what = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
-  hint = ""
-  if hasattr(value, "shape") and hasattr(value, "dtype"):
-    what = f"an array of shape {value.shape} and dtype {value.dtype}"
-    hint = (f" {STATIC_ARGS_HINT}" if np.ndim(value) == 0 else  # a step count
-            " (The parameters themselves? Pass conv_kernels(params).)")
-  head = (f"kernels gives {what} for {format_path(path)}: pass" if path else
-          f"kernels={what} is not a selection of conv kernels. Pass")
+  """The error for a value of a `kernels` argument that is not a selection,
+  with the one hint that fits it."""
+  what, hint = _checks.describe(value), ""
+  scalar = hasattr(value, "dtype") and np.ndim(value) == 0
+  # What a callable that inject_hyperparams called with the step count
+  # returns: a scalar computed from it, or (deeper in a tree) the count.
+  if scalar and (not path or jnp.issubdtype(value.dtype, jnp.integer)):
+    hint = f" {STATIC_ARGS_HINT}"
+  elif scalar and jnp.issubdtype(value.dtype, jnp.bool_):
+    hint = " Use a Python bool, not an array."
+  elif hasattr(value, "shape") and path:
+    hint = " For the parameters themselves, pass conv_kernels(params)."
+  if not path:
+    return TypeError(
+        f"kernels is {what}, not a selection of conv kernels; expected None "
+        "(to guess them), a model's selection (linen_conv_kernels(module, "
+        "x) or nnx_conv_kernels(model)) or a dict of True, False, an output "
+        f"axis or a KernelSpec per parameter.{hint}")
   return TypeError(
-      f"{head} kernels=None to guess them, a model's selection "
-      "(linen_conv_kernels(module, x), nnx_conv_kernels(model)) or a dict "
-      f"of True, False, an output axis or a KernelSpec per parameter.{hint}")
+      f"kernels gives {what} for {format_path(path)}; expected True, False, "
+      f"None, an output axis or a KernelSpec.{hint}")
 
 
-def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
-                 direction: str) -> tuple[int, ...] | None:
+def selected_axes(spec: Any, path: Sequence[Any], leaf: Any,
+                  direction: str) -> tuple[int, ...] | None:
   """The axes a `kernels` value selects on a leaf, or None if it selects none.
 
   The value is None, a bool, an output axis (int) or a KernelSpec.
@@ -395,7 +415,7 @@ def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
   if spec is None or spec is False or is_passthrough(leaf):
     return None
   if spec is True or isinstance(spec, numbers.Integral):
-    spec = KernelSpec(-1 if spec is True else int(spec))
+    spec = KernelSpec(output_axis=-1 if spec is True else int(spec))
   elif not isinstance(spec, KernelSpec):
     raise _spec_error(spec, path)
   where, dtype = format_path(path), getattr(leaf, "dtype", None)
@@ -418,8 +438,13 @@ def resolve_spec(spec: Any, path: Sequence[Any], leaf: Any,
     return a
 
   out = axis(spec.output_axis, "output")
-  inp = (axis(spec.input_axis, "input") if spec.input_axis is not None else
-         2 * len(shape) - 3 - out if out >= len(shape) - 2 else None)  # Flax
+  last_two = (len(shape) - 2, len(shape) - 1)
+  if spec.input_axis is not None:
+    inp = axis(spec.input_axis, "input")
+  elif out in last_two:  # Flax's layouts: the input axis is the other one
+    inp = last_two[0] + last_two[1] - out
+  else:
+    inp = None
   if inp == out:
     raise ValueError(f"kernels: the input axis at {where} is its output axis "
                      f"{out}; they must differ.")
@@ -459,12 +484,12 @@ def map_selected(fn: Callable[[Any, tuple[int, ...]], Any], updates: Any,
         "parameters' keys and nesting (one value may stand for a sub-dict), "
         f"or pass kernels=None to guess. They differ: {e}") from e
 
-  def one(path, spec, p, x):
-    axes = resolve_spec(spec, path + p, x, direction)
+  def leaf_fn(path, spec, p, x):
+    axes = selected_axes(spec, path + p, x, direction)
     return rest(x) if axes is None else fn(x, axes)
 
-  out = [jax.tree_util.tree_map_with_path(functools.partial(one, path, spec),
-                                          sub, is_leaf=is_passthrough)
+  out = [jax.tree_util.tree_map_with_path(
+      functools.partial(leaf_fn, path, spec), sub, is_leaf=is_passthrough)
          for (path, spec), sub in zip(specs, subtrees, strict=True)]
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -493,11 +518,10 @@ def warn_nothing_selected(updates: Any, kernels: Any) -> None:
   what = ("kernels=None (the guess)" if kernels is None else
           f"kernels={getattr(kernels, '__name__', 'a callable')}"
           if callable(kernels) else "the kernels dict")
-  hint = f" {STATIC_ARGS_HINT}" if callable(kernels) else ""
   more = ", ..." if len(arrays) > 2 else ""
   warnings.warn(
       f"channel_directed changed nothing: {what} selected none of the "
       f"{len(arrays)} arrays ({', '.join(arrays[:2])}{more}). Pass kernels="
       "linen_conv_kernels(module, x), nnx_conv_kernels(model) or a dict such "
       "as {'conv': {'w': True}} (OIHW: KernelSpec(output_axis=0, "
-      f"input_axis=1)).{hint}", NoKernelsSelectedWarning, stacklevel=3)
+      "input_axis=1)).", NoKernelsSelectedWarning, stacklevel=3)

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_cdg import _apply
 from optax_cdg import _checks
 from optax_cdg import _gains
-from optax_cdg import _operator
 from optax_cdg import _selection
 
 
@@ -135,7 +135,7 @@ def channel_directed(
   is_schedule = callable(smoothing)
   if not is_schedule:
     smoothing = _checks.check_smoothing(
-        smoothing, metric, expected="a real scalar or a schedule")
+        smoothing, metric, expected="a real number or a schedule")
   _selection.check_kernels(kernels)
 
   def init_fn(params):
@@ -151,12 +151,12 @@ def channel_directed(
       state = ChannelDirectedState(count=optax.safe_increment(state.count))
     selected = []
 
-    def one(x, axes):
+    def smooth(x, axes):
       selected.append(axes)
-      return _operator.apply(x, lam, metric=metric, axes=axes,
+      return _apply.apply(x, lam, metric=metric, axes=axes,
                              boundary=boundary, scale=scale, method=method)
 
-    out = _selection.map_selected(one, updates, kernels, direction)
+    out = _selection.map_selected(smooth, updates, kernels, direction)
     if not selected:  # at trace time: never an identity that looks like work
       _selection.warn_nothing_selected(updates, kernels)
     return out, state

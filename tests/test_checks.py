@@ -18,8 +18,7 @@ class OptionHintTest(parameterized.TestCase):
                  lambda: optax_cdg.channel_directed(metric="Sobolev"),
                  lambda: optax_cdg.spectral_gain(8, 0.1, metric="H1",
                                                  scale="unit"),
-                 lambda: optax_cdg.channel_spectrum({}, boundary="Periodic"),
-                 lambda: optax_cdg.laplacian_smoothing(method="Blocked")):
+                 lambda: optax_cdg.channel_spectrum({}, boundary="Periodic")):
       with pytest.raises(ValueError, match="is not supported; expected one "
                          "of '[a-z_]+', "):
         call()
@@ -42,14 +41,14 @@ class SmoothingTypeTest(parameterized.TestCase):
          "smoothing"),
         (lambda: optax_cdg.spectral_gain(8, schedule), "smoothing"),
         (lambda: optax_cdg.laplacian_smoothing(schedule), "sigma")):
-      with pytest.raises(TypeError, match=f"^{name} must be a real scalar; "
-                         f"got {name}=<function"):
+      with pytest.raises(TypeError, match=f"^{name} must be a real number; "
+                         "got the callable constant_schedule"):
         call()
-    with pytest.raises(TypeError, match="^smoothing must be a real scalar or "
-                       "a schedule; got smoothing='0.1'"):
+    with pytest.raises(TypeError, match="^smoothing must be a real number or "
+                       "a schedule; got the str '0.1'.$"):
       optax_cdg.channel_directed("0.1")
-    with pytest.raises(TypeError, match="^smoothing must be a real scalar or "
-                       "a schedule; got smoothing='0.1'"):
+    with pytest.raises(TypeError, match="^smoothing must be a real number or "
+                       "a schedule; got the str '0.1'.$"):
       optax_cdg.cdg_sgd(0.1, smoothing="0.1")
 
 

@@ -48,8 +48,8 @@ def test_examples_run(name):
   if not examples:
     pytest.skip(f"optax_cdg.{name} has no doctest (test_has_an_examples_"
                 "section reports it)")
-  runner = doctest.DocTestRunner(
-      optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  # pytest --doctest-modules' own default flags, no more lenient.
+  runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
   report = []
   for test in tests:
     runner.run(test, out=report.append)

@@ -75,7 +75,8 @@ class SpectralGainTest(parameterized.TestCase):
       ("boundary", dict(boundary="zero"), ValueError, "boundary='zero'"),
       ("scale", dict(scale=None), ValueError, "scale=None"),
       ("smoothing", dict(smoothing=-2), ValueError, "smoothing=-2"),
-      ("smoothing_bool", dict(smoothing=True), TypeError, "smoothing=True"),
+      ("smoothing_bool", dict(smoothing=True), TypeError,
+       "smoothing must be a real number; got the bool True"),
   )
   def test_bad_argument(self, kwargs, error, message):
     kwargs = dict(dict(sizes=8, smoothing=0.1), **kwargs)

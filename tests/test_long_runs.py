@@ -169,7 +169,7 @@ def test_nothing_the_user_passed_is_mutated():
                                     "bias": None}}})
   selection = optax_cdg.linen_conv_kernels(LinenMixed(), LINEN_MIXED_INPUT)
   snapshot = copy.deepcopy(
-      (numpy_params, grads, schedule.values, spec, selection.specs))
+      (numpy_params, grads, schedule.values, spec, selection.recorded))
 
   # Eagerly (numpy arrays reach jnp directly) on two leaves, jitted on all.
   small = ("conv1d", "Conv_0")
@@ -193,6 +193,6 @@ def test_nothing_the_user_passed_is_mutated():
   chex.assert_trees_all_equal(
       (numpy_params, grads, schedule.values),
       (snapshot[0], snapshot[1], snapshot[2]))
-  assert spec == snapshot[3] and selection.specs == snapshot[4]
+  assert spec == snapshot[3] and selection.recorded == snapshot[4]
   # jax arrays are immutable, but must not have been donated either.
   assert not any(a.is_deleted() for a in jax.tree.leaves(jax_grads))

@@ -235,8 +235,8 @@ class BadInputTest(parameterized.TestCase):
        "> 0"),
       ("zero_rew", dict(smoothing=0.0, metric="reweighted"), ValueError,
        "> 0"),
-      ("string", dict(smoothing="0.1"), TypeError, "real scalar"),
-      ("vector", dict(smoothing=np.ones(2)), TypeError, "real scalar"),
+      ("string", dict(smoothing="0.1"), TypeError, "real number"),
+      ("vector", dict(smoothing=np.ones(2)), TypeError, "real number"),
   )
   def test_bad_argument(self, kwargs, error, message):
     kwargs = dict(kwargs)

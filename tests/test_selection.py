@@ -108,7 +108,7 @@ class ExactHelpersTest(parameterized.TestCase):
       optax_cdg.nnx_conv_kernels(LinenCNN())
 
 
-class ResolveSpecTest(parameterized.TestCase):
+class SelectedAxesTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("output", True, "output", (3,)),
@@ -136,7 +136,7 @@ class ResolveSpecTest(parameterized.TestCase):
   )
   def test_axes(self, spec, direction, axes):
     leaf = jnp.ones((3, 3, 4, 8))
-    assert _selection.resolve_spec(spec, (), leaf, direction) == axes
+    assert _selection.selected_axes(spec, (), leaf, direction) == axes
 
   @parameterized.named_parameters(
       ("axis", 4, (3, 3, 4, 8), "output", ValueError,
@@ -160,15 +160,16 @@ class ResolveSpecTest(parameterized.TestCase):
       ("no_spatial", True, (4, 8), "spatial", ValueError, "spatial axes"),
       ("vector", True, (8,), "output", ValueError, "needs 2 channel axes"),
       ("value", "yes", (3, 4, 8), "output", TypeError,
-       "kernels=.yes. is not a selection of conv kernels. Pass kernels=None"),
+       "kernels is the str 'yes', not a selection of conv kernels; expected "
+       "None"),
   )
   def test_errors(self, spec, shape, direction, error, message):
     with pytest.raises(error, match=message):
-      _selection.resolve_spec(spec, (), jnp.ones(shape), direction)
+      _selection.selected_axes(spec, (), jnp.ones(shape), direction)
 
   def test_non_float_leaf(self):
     with pytest.raises(TypeError, match="real floating-point"):
-      _selection.resolve_spec(True, (), jnp.ones((3, 4, 8), jnp.int32),
+      _selection.selected_axes(True, (), jnp.ones((3, 4, 8), jnp.int32),
                               "output")
 
 

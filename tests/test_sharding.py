@@ -11,8 +11,8 @@ import types
 import jax.numpy as jnp
 import pytest
 
+from optax_cdg import _apply
 from optax_cdg import _operator
-from optax_cdg import _sharding
 
 SHAPE = (3, 3, 16, 32)
 OP = _operator.Operator(False, (3,), (32,), "sobolev", "periodic", "grid",
@@ -32,7 +32,7 @@ class UnnamedSharding:
 
 def _partition(sharding):
   arg = types.SimpleNamespace(shape=SHAPE, sharding=sharding)
-  return _sharding._partition(OP, None, (arg,), None)
+  return _apply._partition(OP, None, (arg,), None)
 
 
 def test_kept_when_fibers_are_whole():
