@@ -7,20 +7,23 @@ appends it to `$OUT/device_check.md`:
 - env:     devices and versions;
 - exact:   the default update of ResNet-50's conv kernels on the device
            against float64 dense solves and against the CPU backend; the
-           same update with the CPU's layout view (`view`); a traced
+           same update with the CPU's layout view (`view`) and with
+           `method="stencil"` (15 taps at the default, no FFT); a traced
            smoothing against the same number; forward, reverse and batched
-           transformations against the CPU backend;
+           transformations against the CPU backend, for both methods;
 - step:    a jitted CIFAR ResNet-18 step (benchmarks/step.py's), batch 128
            and 32: plain SGD-momentum, the control (`optax.clip(1e6)`),
-           `cdg` (the library) and `cdg-view` (the FFT on the view
+           `cdg` (the library, its FFT), `cdg-stencil` (the library's
+           `method="stencil"`) and `cdg-view` (the FFT on the view
            `(in, *spatial, out)`, the CPU's layout), interleaved; two
            reference variants that are not the library: one FFT pair per
            width (every leaf's fibers of one length concatenated) and a
            dense `x @ A^{-1}` (HIGHEST precision);
 - update:  the update of ResNet-18's and ResNet-50's kernels alone against
            a device copy: `optax.scale`, a bare rfft/irfft pair, cdg,
-           cdg-view;
-- compile: the first compile of ResNet-50's update against `optax.scale`.
+           cdg-stencil, cdg-view;
+- compile: the first compile of ResNet-50's update (cdg, cdg-stencil)
+           against `optax.scale`.
 
 Usage:
   OUT=out python benchmarks/device_check.py [--small] [--sections ...]
@@ -133,8 +136,14 @@ def rfft_pair(tree):
       jnp.fft.rfft(g, axis=-1), n=g.shape[-1], axis=-1), tree)
 
 
-def cdg_update(tree, lam=LAM):
-  return optax_cdg.channel_directed(lam).update(tree, optax.EmptyState())[0]
+def cdg_update(tree, lam=LAM, method="auto"):
+  tx = optax_cdg.channel_directed(lam, method=method)
+  return tx.update(tree, optax.EmptyState())[0]
+
+
+def stencil_update(tree, lam=LAM):
+  """The update with `method="stencil"` (a traced `lam` takes the FFT)."""
+  return cdg_update(tree, lam, "stencil")
 
 
 def worst_rel(a, b) -> float:
@@ -166,6 +175,14 @@ def sec_exact(small: bool) -> None:
   log(f"| default update vs the CPU backend | {worst_rel(out, on_cpu):.2e} |")
   log("| with the layout view vs the library | "
       f"{worst_rel(jax.jit(view_update)(tree), out):.2e} |")
+  stencil = jax.jit(stencil_update)(tree)
+  log("| method='stencil' vs float64 dense solve | "
+      f"{worst_rel(stencil, dense):.2e} |")
+  stencil_cpu = jax.jit(stencil_update)(jax.device_put(tree, cpu))
+  log("| method='stencil' vs the CPU backend | "
+      f"{worst_rel(stencil, stencil_cpu):.2e} |")
+  log("| method='stencil', traced smoothing (the FFT) vs the number | "
+      f"{worst_rel(jax.jit(stencil_update)(tree, lam), stencil):.2e} |")
   log("| one FFT pair per width (reference) vs the library | "
       f"{worst_rel(jax.jit(grouped_update)(tree), out):.2e} |")
   log("| dense x @ A^-1, HIGHEST (reference) vs float64 | "
@@ -178,6 +195,10 @@ def sec_exact(small: bool) -> None:
   checks: dict[str, Callable] = {
       "jvp in the updates": lambda t, u: jax.jvp(cdg_update, (t,), (u,))[1],
       "vjp in the updates": lambda t, u: jax.vjp(cdg_update, t)[1](u)[0],
+      "stencil: vjp in the updates": lambda t, u: jax.vjp(
+          stencil_update, t)[1](u)[0],
+      "stencil: vmap over the updates": lambda t, u: jax.vmap(
+          stencil_update)(jax.tree.map(lambda a, b: jnp.stack([a, b]), t, u)),
       "vmap over the updates": lambda t, u: jax.vmap(cdg_update)(
           jax.tree.map(lambda a, b: jnp.stack([a, b]), t, u)),
       "jvp in the smoothing": lambda t, u: jax.jvp(
@@ -246,6 +267,8 @@ def sec_step(small: bool, batch: int, reps: int, blocks: int) -> None:
   txs = {"plain": sgd,
          "control": optax.chain(optax.clip(1e6), sgd),
          "cdg": optax.chain(optax_cdg.channel_directed(), sgd),
+         "cdg-stencil": optax.chain(
+             optax_cdg.channel_directed(method="stencil"), sgd),
          "cdg-view": optax.chain(per_leaf(lambda u: jax.tree.map(
              lambda g: view_update(g) if g.ndim == 4 else g, u)), sgd),
          "ref: one FFT pair per width": optax.chain(
@@ -283,6 +306,7 @@ def sec_update(small: bool, reps: int, blocks: int, net: str) -> None:
              lambda t: optax.scale(0.5).update(t, optax.EmptyState())[0]),
          "rfft/irfft pair": jax.jit(rfft_pair),
          "cdg": jax.jit(cdg_update),
+         "cdg-stencil": jax.jit(stencil_update),
          "cdg-view": jax.jit(view_update)}
   for f in fns.values():
     jax.block_until_ready(f(tree))
@@ -295,7 +319,8 @@ def sec_update(small: bool, reps: int, blocks: int, net: str) -> None:
 def sec_compile(small: bool, reps: int) -> None:
   tree = kernel_tree(resnet50_shapes(small))
   fns = {"optax.scale": lambda t: optax.scale(0.5).update(
-      t, optax.EmptyState())[0], "cdg": cdg_update}
+      t, optax.EmptyState())[0], "cdg": cdg_update,
+      "cdg-stencil": stencil_update}
   times: dict[str, list[float]] = {k: [] for k in fns}
   # A number's gains are compiled once per kernel shape and kept: cold means
   # without them too (0.2 had no such cache).

@@ -43,6 +43,7 @@ from optax_cdg import _checks
 from optax_cdg import _gains
 from optax_cdg._operator import compute_dtype
 from optax_cdg._operator import Operator
+from optax_cdg._operator import stencil_extent
 
 # The JAX internals this package uses, and why. Checked against jax 0.8.1 to
 # 0.10.2; tests/test_apply.py names any that a release removes.
@@ -143,8 +144,13 @@ def metric_gradient(
     scale: "grid" (`c(N) = 1`; the default, as for the transform) or "unit"
       (`c(N) = N^2`, the axis is the unit interval).
     method: "auto" (the default: the closed form for "reweighted", the
-      transform otherwise), "fft" (the transform for every metric) or
-      "closed" ("reweighted" and "l2" only). All agree to float32 rounding.
+      transform otherwise), "fft" (the transform for every metric),
+      "closed" ("reweighted" and "l2" only) or "stencil" ("sobolev" and
+      "l2" only: along one axis, for a number `lam` and float32 work, the
+      circular stencil of at most 33 taps that equals `A^{-1}` to float32
+      rounding, one fused pass over the array with no FFT; the transform
+      where no such stencil exists, for several axes, a traced `lam` or
+      float64). All agree with the exact `A^{-1} grad` to rounding.
 
   Returns:
     An array of the shape and dtype of `grad`.
@@ -195,9 +201,18 @@ def apply(grad: Any, lam: float | jax.Array, *, metric: str,
   sizes = tuple(grad.shape[a] for a in axes)
   if metric == "l2" or grad.size == 0 or all(n == 1 for n in sizes):
     return grad
-  closed = method == "closed" or (method == "auto" and metric == "reweighted")
-  op = Operator(closed, axes, sizes, metric, boundary, scale,
-                compute_dtype(grad.dtype))
+  dtype = compute_dtype(grad.dtype)
+  extent = None
+  # The stencil drops what is below float32 rounding: float32 work only.
+  if (method == "stencil" and isinstance(lam, float) and len(sizes) == 1
+      and metric == "sobolev" and dtype == jnp.float32):
+    extent = stencil_extent(sizes[0], lam, boundary, scale)
+  if method == "closed" or (method == "auto" and metric == "reweighted"):
+    kind = "closed"
+  else:
+    kind = "fft" if extent is None else "stencil"
+  op = Operator(kind, axes, sizes, metric, boundary, scale, dtype,
+                extent or (0, 0))
   # A number's multipliers are constants of the program; a traced one's are
   # computed in it.
   fixed = lam if isinstance(lam, float) else None

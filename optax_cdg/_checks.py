@@ -18,7 +18,7 @@ import numpy as np
 Metric = Literal["sobolev", "sobolev_mean", "reweighted", "l2"]
 Boundary = Literal["periodic", "neumann"]
 Scale = Literal["unit", "grid"]
-Method = Literal["auto", "fft", "closed"]
+Method = Literal["auto", "fft", "closed", "stencil"]
 Direction = Literal["output", "input", "spatial"]
 
 # The string options, in one table, from the types that document them.
@@ -37,11 +37,16 @@ def check_options(**values: Any) -> None:
     if not (isinstance(value, str) and value in OPTIONS[name]):
       raise ValueError(f"{name}={value!r} is not supported; expected one of "
                        f"{', '.join(map(repr, OPTIONS[name]))}.")
-  if values.get("method") == "closed" and values["metric"] not in (
-      "reweighted", "l2"):
+  # Which metrics each specialised method serves ("l2" needs none).
+  serves = {"closed": ("reweighted", "a closed form"),
+            "stencil": ("sobolev", "a short stencil")}
+  if values.get("method") in serves and values["metric"] not in (
+      serves[values["method"]][0], "l2"):
+    metric, what = serves[values["method"]]
     raise ValueError(
-        f"method='closed' is not available for metric={values['metric']!r}: "
-        "only 'reweighted' and 'l2' have a closed form; use 'auto' or 'fft'.")
+        f"method={values['method']!r} is not available for "
+        f"metric={values['metric']!r}: only {metric!r} and 'l2' have "
+        f"{what}; use 'auto' or 'fft'.")
 
 
 def describe(value: Any) -> str:

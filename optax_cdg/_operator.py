@@ -6,18 +6,54 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
-from typing import Any
+from typing import Any, Final
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+import numpy as np
 
 from optax_cdg import _gains
+
+# The longest stencil offered for "sobolev" along one axis: 2 * 16 + 1 taps
+# (the default, grid scale 0.1, needs 13).
+MAX_STENCIL_HALF_WIDTH: Final = 16
+# A stencil drops generator entries whose absolute sum is below this share
+# of the whole: far below float32 rounding (2^-24).
+STENCIL_TAIL: Final = 2.0**-26
 
 
 def compute_dtype(dtype: Any) -> Any:
   """float32 for half precision (XLA's FFT rejects it), else the dtype."""
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def stencil_extent(size: int, lam: float, boundary: str,
+                   scale: str) -> tuple[int, int] | None:
+  """`(lo, hi)` such that "sobolev"'s `A^{-1}` along an axis of `size` is the
+  circular stencil of offsets `-lo .. hi` to float32 rounding, or None when
+  that takes more than `2 * MAX_STENCIL_HALF_WIDTH + 1` taps.
+
+  `A^{-1}` is circulant on the period `P` (`size`, or `2 size` on the even
+  extension for a Neumann boundary) with a positive, even generator `g`
+  that decays geometrically (docs/math.md); the stencil keeps the offsets
+  `|k| <= K` for the smallest `K` whose dropped entries sum to at most
+  `STENCIL_TAIL` of `g`'s sum. Where `2 K + 1 >= P` it keeps the whole
+  period, and is exact.
+  """
+  period = size if boundary == "periodic" else 2 * size
+  gains = _gains.gain((size,), lam, "sobolev", boundary, scale,
+                      extended=boundary == "neumann")
+  g = np.abs(np.fft.irfft(gains, period))
+  distance = np.minimum(np.arange(period), period - np.arange(period))
+  order = np.argsort(distance, kind="stable")
+  kept = np.cumsum(g[order])
+  tail = kept[-1] - kept  # what is dropped beyond each entry
+  enough = np.nonzero(tail <= STENCIL_TAIL * kept[-1])[0][0]
+  half = int(distance[order][enough])
+  extent = ((period - 1) // 2, period // 2) if 2 * half + 1 >= period else (
+      half, half)
+  return extent if sum(extent) <= 2 * MAX_STENCIL_HALF_WIDTH else None
 
 
 def even_extension(x: jax.Array, axes: Sequence[int]) -> jax.Array:
@@ -45,13 +81,16 @@ class Operator:
   callable parameter of a primitive.
   """
 
-  closed: bool  # mean + (x - mean) / lam instead of the transform
+  # "fft": the transform; "closed": mean + (x - mean) / lam; "stencil":
+  # the circular stencil of offsets -lo .. hi along one axis.
+  method: str
   axes: tuple[int, ...]  # sorted, non-negative
   sizes: tuple[int, ...]
   metric: str
   boundary: str
   scale: str
   dtype: Any  # the compute dtype
+  extent: tuple[int, int] = (0, 0)  # the stencil's (lo, hi)
 
   def shifted(self, k: int) -> Operator:
     """The same operator on an array with `k` more leading (batch) axes."""
@@ -63,15 +102,23 @@ class Operator:
     if order:
       return jax.jvp(lambda lam: self.multipliers(lam, order - 1), (lam,),
                      (jnp.ones_like(lam),))[1]
-    if self.closed:
+    if self.method == "closed":
       return jnp.ones((), self.dtype), (1.0 / lam).astype(self.dtype)
-    return (_gains.gain(self.sizes, lam, self.metric, self.boundary,
+    gains = _gains.gain(self.sizes, lam, self.metric, self.boundary,
                         self.scale, extended=self.boundary == "neumann")
-            .astype(self.dtype),)
+    if self.method == "fft":
+      return (gains.astype(self.dtype),)
+    # The taps: the generator of the circulant, at offsets -lo .. hi.
+    period = (2 if self.boundary == "neumann" else 1) * self.sizes[0]
+    generator = jnp.fft.irfft(gains, period)
+    lo, hi = self.extent
+    return (generator[np.arange(-lo, hi + 1) % period].astype(self.dtype),)
 
   def __call__(self, grad: jax.Array, *multipliers: ArrayLike) -> jax.Array:
     x = grad.astype(self.dtype)
-    if self.closed:
+    if self.method == "stencil":
+      return self._stencil(x, *multipliers).astype(grad.dtype)
+    if self.method == "closed":
       mean = jnp.mean(x, axis=self.axes, keepdims=True)
       mean_gain, rest_gain = (jnp.asarray(m) for m in multipliers)
       return (mean_gain * mean + rest_gain * (x - mean)).astype(grad.dtype)
@@ -98,3 +145,23 @@ class Operator:
         x, *multipliers, default=transform,
         cpu=lambda x, gains: jnp.moveaxis(
             transform(jnp.moveaxis(x, -2, 0), gains), 0, -2))
+
+  def _stencil(self, x: jax.Array, taps: ArrayLike) -> jax.Array:
+    """`sum_k taps_k x[i - k]` along the axis, on the circle (periodic) or
+    the even extension (Neumann): one pad and a slice per tap, which XLA
+    fuses into one pass over the array."""
+    (axis,), (size,), (lo, hi) = self.axes, self.sizes, self.extent
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (hi, lo)
+    padded = jnp.pad(x, pad, mode="wrap" if self.boundary == "periodic"
+                     else "symmetric")
+    taps = jnp.asarray(taps)
+
+    def term(k):  # taps_k x[i - k], for every i
+      return taps[k + lo] * jax.lax.slice_in_dim(padded, hi - k,
+                                                 hi - k + size, axis=axis)
+
+    out = term(-lo)
+    for k in range(-lo + 1, hi + 1):
+      out = out + term(k)
+    return out

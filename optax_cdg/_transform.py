@@ -95,7 +95,7 @@ def channel_directed(
       :class:`NoKernelsSelectedWarning` is issued at trace time (make it an
       error with `warnings.filterwarnings("error", category=...)`).
     method: how `A^{-1}` is applied, all exact: "auto" (the closed form for
-      "reweighted", the FFT otherwise), "fft" or "closed" (see
+      "reweighted", the FFT otherwise), "fft", "closed" or "stencil" (see
       :func:`metric_gradient`).
 
   Returns:

@@ -114,6 +114,8 @@ ROWS = (
     ("metric_gradient", "metric_gradient(k, 0.1, axes=())", None),
     ("metric_gradient", "metric_gradient(k, 0.1, axes=(0.5,))", None),
     ("metric_gradient", 'metric_gradient(k, 0.1, method="blocked")', None),
+    ("metric_gradient",
+     'metric_gradient(k, 1.5, metric="reweighted", method="stencil")', None),
     ("metric_gradient", "metric_gradient(k, 0.1, axes=None)", None),
     ("metric_gradient",
      "metric_gradient(jnp.ones((2, 8), jnp.int32), 0.1)", None),

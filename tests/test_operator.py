@@ -357,3 +357,140 @@ report(grown=grown, vs_fft=float(np.abs(y - np.asarray(fft)).max() / scale),
     # one fiber).
     assert out["grown"] < 256, out
     assert out["vs_fft"] <= 1e-6 and out["vs_ref"] <= 2e-6, out
+
+
+# Widths where the default's stencil is the whole period (1 to 15), where it
+# first is not (16, 17), and up to ResNet-50's 2,048 and beyond. Every width
+# from 1 to 4,096 is checked in float64 below.
+STENCIL_WIDTHS = (1, 2, 3, 5, 8, 15, 16, 17, 64, 127, 513, 2048, 4096)
+# (scale, smoothing): the default; a wider stencil (Neumann: the FFT beyond
+# width 16); "unit" at a small value (the FFT from width 127, where it would
+# take more than 33 taps).
+STENCIL_SMOOTHINGS = (("grid", 0.1), ("grid", 1.0), ("unit", 1e-4))
+
+
+def _stencil_reference(x, lam, boundary, scale):
+  """float64 `A^{-1} x` along the last axis, by FFT (no dense matrix: up to
+  4,096 wide)."""
+  n = x.shape[-1]
+  c = float(n) ** 2 if scale == "unit" else 1.0
+  x = np.asarray(x, np.float64)
+  ext = x if boundary == "periodic" else np.concatenate([x, x[..., ::-1]], -1)
+  p = ext.shape[-1]
+  mu = c * 4 * np.sin(np.pi * np.arange(p // 2 + 1) / p) ** 2
+  return np.fft.irfft(np.fft.rfft(ext) / (1 + lam * mu), p)[..., :n]
+
+
+class StencilTest(parameterized.TestCase):
+  """method="stencil": a short circular stencil where "sobolev"'s inverse
+  decays within 33 taps, the FFT elsewhere; exact to float32 rounding."""
+
+  @parameterized.product(n=STENCIL_WIDTHS, boundary=BOUNDARIES,
+                         scale_lam=STENCIL_SMOOTHINGS)
+  def test_matches_the_float64_inverse(self, n, boundary, scale_lam):
+    scale, lam = scale_lam
+    x = _random((2, 3, n), seed=n)
+    out = optax_cdg.metric_gradient(jnp.asarray(x), lam, boundary=boundary,
+                                    scale=scale, method="stencil")
+    _assert_matches(out, _stencil_reference(x, lam, boundary, scale),
+                    rtol=1e-6)
+
+  @parameterized.product(boundary=BOUNDARIES, n=(16, 64, 300))
+  def test_the_default_is_15_taps_with_no_fft(self, boundary, n):
+    from optax_cdg import _operator  # pylint: disable=g-import-not-at-top
+    assert _operator.stencil_extent(n, 0.1, boundary, "grid") == (7, 7)
+    x = jnp.asarray(_random((3, 3, 8, n)))
+    hlo = jax.jit(lambda g: optax_cdg.metric_gradient(
+        g, boundary=boundary, method="stencil")).lower(x).as_text()
+    assert "fft" not in hlo.lower()
+    assert "fft" in jax.jit(lambda g: optax_cdg.metric_gradient(
+        g, boundary=boundary)).lower(x).as_text().lower()
+
+  @parameterized.parameters(*BOUNDARIES)
+  def test_traced_number_and_fft_agree_to_rounding(self, boundary):
+    # A traced smoothing takes the FFT: it agrees with the stencil of the
+    # same number to float32 rounding of the largest element, as
+    # optax.inject_hyperparams needs.
+    x = jnp.asarray(_random((4, 4, 96), seed=5) * 3.0)
+    kw = dict(boundary=boundary, method="stencil")
+    number = jax.jit(lambda g: optax_cdg.metric_gradient(g, 0.1, **kw))(x)
+    traced = jax.jit(lambda g, s: optax_cdg.metric_gradient(g, s, **kw))(
+        x, 0.1)
+    fft = optax_cdg.metric_gradient(x, 0.1, boundary=boundary, method="fft")
+    np.testing.assert_array_equal(traced, fft)
+    scale = float(jnp.abs(fft).max())
+    np.testing.assert_allclose(number, fft, rtol=0,
+                               atol=8 * np.finfo(np.float32).eps * scale)
+
+  def test_falls_back_where_no_stencil_applies(self):
+    x = jnp.asarray(_random((6, 5, 40)))
+    for kw in (dict(axes=(0, 2)), dict(scale="unit", smoothing=1e-2),
+               dict(smoothing=30.0)):
+      kw = dict(dict(smoothing=0.1), **kw)
+      lam = kw.pop("smoothing")
+      np.testing.assert_array_equal(
+          optax_cdg.metric_gradient(x, lam, method="stencil", **kw),
+          optax_cdg.metric_gradient(x, lam, method="fft", **kw))
+    x64 = np.asarray(x, np.float64)
+    with jax.enable_x64(True):
+      out = optax_cdg.metric_gradient(jnp.asarray(x64), 0.1, method="stencil")
+      assert out.dtype == jnp.float64
+      _assert_matches(out, _stencil_reference(x64, 0.1, "periodic", "grid"),
+                      rtol=1e-13)
+
+  @parameterized.parameters(*BOUNDARIES)
+  def test_linear_self_adjoint_and_transformable(self, boundary):
+    x, w = _random((3, 5, 24), 1), _random((3, 5, 24), 2)
+    def op(g):
+      return optax_cdg.metric_gradient(g, 0.1, boundary=boundary,
+                                       method="stencil")
+    # Self-adjoint: the gradient of <w, op(x)> in x is op(w).
+    grad = jax.grad(lambda g: jnp.sum(jnp.asarray(w) * op(g)))(
+        jnp.asarray(x))
+    np.testing.assert_allclose(grad, op(jnp.asarray(w)), atol=1e-6)
+    batched = jax.vmap(op)(jnp.asarray(x))
+    np.testing.assert_allclose(batched, op(jnp.asarray(x)), atol=1e-6)
+    for dtype in (jnp.bfloat16, jnp.float16):
+      half = op(jnp.asarray(x, dtype))
+      assert half.dtype == dtype
+      np.testing.assert_allclose(np.asarray(half, np.float32),
+                                 op(jnp.asarray(x, dtype).astype(jnp.float32)
+                                    ).astype(dtype).astype(jnp.float32))
+
+  def test_only_sobolev_has_one(self):
+    for metric in ("sobolev_mean", "reweighted"):
+      with pytest.raises(ValueError, match=f"method='stencil' is not "
+                         f"available for metric='{metric}'"):
+        optax_cdg.metric_gradient(jnp.ones((2, 8)), 1.5, metric=metric,
+                                  method="stencil")
+    x = jnp.asarray(_random((2, 8)))
+    np.testing.assert_array_equal(
+        optax_cdg.metric_gradient(x, 1.0, metric="l2", method="stencil"), x)
+
+  @parameterized.product(boundary=BOUNDARIES, scale_lam=STENCIL_SMOOTHINGS)
+  def test_every_width_to_4096_in_float64(self, boundary, scale_lam):
+    # The stencil's extent at every width, checked in float64 numpy: its
+    # taps (the generator, from the gains) on the padded fiber against
+    # the spectral solve. What it drops is at most 2^-26 of the largest
+    # input value; the float32 evaluation is the same sum, tested above at
+    # sampled widths.
+    from optax_cdg import _operator  # pylint: disable=g-import-not-at-top
+    scale, lam = scale_lam
+    rng = np.random.default_rng(0)
+    for n in range(1, 4097):
+      extent = _operator.stencil_extent(n, lam, boundary, scale)
+      if extent is None:
+        continue
+      lo, hi = extent
+      x = rng.standard_normal((2, n))
+      ref = _stencil_reference(x, lam, boundary, scale)
+      period = n if boundary == "periodic" else 2 * n
+      c = float(n) ** 2 if scale == "unit" else 1.0
+      mu = c * 4 * np.sin(np.pi * np.arange(period // 2 + 1) / period) ** 2
+      g = np.fft.irfft(1 / (1 + lam * mu), period)
+      mode = "wrap" if boundary == "periodic" else "symmetric"
+      padded = np.pad(x, [(0, 0), (hi, lo)], mode=mode)
+      out = sum(g[k % period] * padded[:, hi - k:hi - k + n]
+                for k in range(-lo, hi + 1))
+      err = np.abs(out - ref).max()
+      assert err <= 2.0**-26 * np.abs(x).max() + 1e-13, (n, extent, err)

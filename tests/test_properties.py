@@ -109,7 +109,9 @@ def case(draw, dtypes):
       scale=draw(st.sampled_from(["unit", "grid"])),
       lam=draw(smoothing(metric)), dtype=dtype, amplitude=amplitude,
       kind=draw(st.sampled_from(["normal", "offset", "spike"])),
-      seed=draw(st.integers(0, 2**32 - 1)), traced=draw(st.booleans()))
+      seed=draw(st.integers(0, 2**32 - 1)), traced=draw(st.booleans()),
+      method=draw(st.sampled_from(["auto", "stencil"]))
+      if metric in ("sobolev", "l2") else "auto")
 
 
 def _input(c):
@@ -126,7 +128,7 @@ def _input(c):
 
 def _operator(c, x):
   kw = dict(metric=c["metric"], axes=c["axes"], boundary=c["boundary"],
-            scale=c["scale"])
+            scale=c["scale"], method=c["method"])
   if c["traced"]:
     f = jax.jit(lambda g, s: optax_cdg.metric_gradient(g, s, **kw))
     return f(x, c["lam"])
