@@ -624,12 +624,16 @@ def plot_deltas(results: dict, path: str) -> None:
       ys = 100 * np.array(list(d["per_seed"].values()))
       ax.scatter(np.full(len(ys), i) + np.linspace(-0.15, 0.15, len(ys)), ys,
                  s=14, alpha=0.7)
-      ax.errorbar(i + 0.3, 100 * d["mean"],
+      ax.errorbar(i + 0.25, 100 * d["mean"],
                   yerr=None if d["ci95"] is None else 100 * d["ci95"],
                   fmt="o", color="black", capsize=4)
     ax.axhline(0.0, color="gray", lw=0.8)
+    ax.set_xlim(-0.6, max(len(rows), 1) - 0.4)
     ax.set_xticks(range(len(rows)), [r["method"] for r in rows],
                   rotation=20, ha="right")
+    if not rows:
+      ax.text(0.5, 0.5, "no final seeds yet", ha="center",
+              transform=ax.transAxes)
     ax.set_title(f"{opt}: test accuracy, CDG minus baseline")
     ax.set_ylabel("paired delta per seed (points)")
   fig.tight_layout()

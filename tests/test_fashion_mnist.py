@@ -294,3 +294,36 @@ class EndToEndTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+COMMITTED = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "examples", "results", "fashion_mnist")
+
+
+class CommittedResultsTest(absltest.TestCase):
+
+  def test_report_is_what_the_records_give(self):
+    if not os.path.exists(os.path.join(COMMITTED, "runs.jsonl")):
+      self.skipTest("no committed Fashion-MNIST records")
+    with open(os.path.join(COMMITTED, "results.json")) as f:
+      committed = json.load(f)
+    records = fm.load_records(COMMITTED, fm.Config())
+    self.assertLen(records, committed["runs"])
+    again = json.loads(json.dumps(fm.summarize(
+        records, fm.Config(), committed["phases"])))
+    self.assertEqual(again, committed)
+    with open(os.path.join(COMMITTED, "results.md")) as f:
+      self.assertEqual(f.read(), fm.markdown(committed))
+    # Every final seed's test accuracy is a record's, and every delta is
+    # the difference of two records of the same seed.
+    by = by_key(records)
+    for opt, res in committed["optimizers"].items():
+      rows = {r["method"]: r for r in res["rows"]}
+      base = rows.get(B)
+      for row in rows.values():
+        if "delta_test" not in row:
+          continue
+        for seed, delta in row["delta_test"]["per_seed"].items():
+          mine = by[f"{opt} {row['method']} lr={row['lr']!r} seed={seed}"]
+          theirs = by[f"{opt} {B} lr={base['lr']!r} seed={seed}"]
+          self.assertAlmostEqual(delta, mine["test_acc"] - theirs["test_acc"])
