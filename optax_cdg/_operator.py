@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import functools
 from typing import Any, Final
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 from optax_cdg import _gains
 
 # The longest stencil offered for "sobolev" along one axis: 2 * 16 + 1 taps
-# (the default, grid scale 0.1, needs 13).
+# (the default, grid scale 0.1, needs 15).
 MAX_STENCIL_HALF_WIDTH: Final = 16
 # A stencil drops generator entries whose absolute sum is below this share
 # of the whole: far below float32 rounding (2^-24).
@@ -28,6 +29,7 @@ def compute_dtype(dtype: Any) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+@functools.lru_cache(maxsize=1024)
 def stencil_extent(size: int, lam: float, boundary: str,
                    scale: str) -> tuple[int, int] | None:
   """`(lo, hi)` such that "sobolev"'s `A^{-1}` along an axis of `size` is the
@@ -39,7 +41,7 @@ def stencil_extent(size: int, lam: float, boundary: str,
   that decays geometrically (docs/math.md); the stencil keeps the offsets
   `|k| <= K` for the smallest `K` whose dropped entries sum to at most
   `STENCIL_TAIL` of `g`'s sum. Where `2 K + 1 >= P` it keeps the whole
-  period, and is exact.
+  period (`P` taps), and is exact.
   """
   period = size if boundary == "periodic" else 2 * size
   gains = _gains.gain((size,), lam, "sobolev", boundary, scale,
@@ -72,8 +74,9 @@ class Operator:
   """`A^{-1}` on every fiber along `axes`: linear in the array and in the
   multipliers of its eigenspaces.
 
-  `multipliers(lam)` are the spectral gains, or for the closed form the
-  multipliers of the fiber's mean and of the rest. `op(x, *multipliers)` is
+  `multipliers(lam)` are the spectral gains, for the closed form the
+  multipliers of the fiber's mean and of the rest, or for the stencil its
+  taps. `op(x, *multipliers)` is
   linear in each, so its derivative in `lam` is `op(x, *d multipliers / d
   lam)`. It acts on each fiber alone and is self-adjoint. Hashable by value:
   a static parameter of the application's primitive. A frozen dataclass
