@@ -30,6 +30,10 @@ test number was read:
   same way), and the smoothing chosen on validation among 0.03, 0.1, 0.3
   and 1 (grid scale) at the default's learning rate.
 
+`--phases swap`, added after the primary result was read and outside the
+protocol: where the two methods chose different rates, each also runs the
+final seeds at the other's rate, so that a delta can be read at one rate.
+
 Every run appends one line to DIR/runs.jsonl. Any number of workers can run
 on one host at once (each claims a run in DIR/claims/ before training it);
 a killed worker loses only the run it was training, and the next worker
@@ -241,7 +245,7 @@ QUICK = Config(widths=(8, 8, 16), epochs=1, batch_size=64, train_size=2048,
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  phase: str  # "primary" or "secondary"
+  phase: str  # "primary", "secondary" or "swap"
   optimizer: str
   method: Method
   lr: float
@@ -329,6 +333,13 @@ class Planner:
         lam = None if lr is None else self.smoothing(opt, lr)
         if lam is not None and lam != DEFAULT.smoothing:
           self.finals("secondary", opt, Method(lam), lr)
+    if "swap" in phases:
+      for opt in OPTIMIZERS:
+        lr_b = self.learning_rate("primary", opt, BASELINE)
+        lr_d = self.learning_rate("primary", opt, DEFAULT)
+        if None not in (lr_b, lr_d) and lr_b != lr_d:
+          self.finals("swap", opt, BASELINE, lr_d)
+          self.finals("swap", opt, DEFAULT, lr_b)
     seen, out = set(), []
     for r in self.runs:  # a run may be planned twice (a shared tuning run)
       if r.key not in seen:
@@ -530,31 +541,41 @@ def summarize(records: Sequence[dict], config: Config,
       if r["optimizer"] == opt and not r["final"]:
         tuning.setdefault(r["method"], {}).setdefault(
             repr(r["lr"]), []).append(r["val_acc"])
-    finals: dict[str, dict[int, dict]] = {}
+    finals: dict[tuple[str, float], dict[int, dict]] = {}
     for r in records:
       if r["optimizer"] == opt and r["final"]:
-        finals.setdefault(r["method"], {})[r["seed"]] = r
-    base = finals.get(BASELINE.label, {})
+        finals.setdefault((r["method"], r["lr"]), {})[r["seed"]] = r
+    # The baseline at its own rate; at another rate (swap), a method too.
+    baselines = {lr: runs for (label, lr), runs in finals.items()
+                 if label == BASELINE.label}
+    base_lr = next((lr for lr, runs in baselines.items()
+                    if next(iter(runs.values()))["phase"] == "primary"),
+                   None)
     rows = []
-    for label, runs in finals.items():
+    for (label, lr), runs in finals.items():
       seeds = sorted(runs)
-      lrs = sorted({runs[s]["lr"] for s in seeds})
-      row = {"method": label, "lr": lrs[0] if len(lrs) == 1 else lrs,
-             "phase": runs[seeds[0]]["phase"], "seeds": seeds,
+      row = {"method": label, "lr": lr, "phase": runs[seeds[0]]["phase"],
+             "seeds": seeds,
              "test": _stats([runs[s]["test_acc"] for s in seeds]),
              "val": _stats([runs[s]["val_acc"] for s in seeds])}
-      paired = [s for s in seeds if s in base]
-      if label != BASELINE.label and paired:
-        for split in ("test", "val"):
+      same = baselines.get(lr) if label != BASELINE.label else None
+      for name, base in (("delta", baselines.get(base_lr)),
+                         ("same_rate_delta", same)):
+        if base is None or base is runs or (name != "delta"
+                                            and lr == base_lr):
+          continue
+        paired = [s for s in seeds if s in base]
+        for split in ("test", "val") if paired else ():
           d = [runs[s][f"{split}_acc"] - base[s][f"{split}_acc"]
                for s in paired]
           stats = _stats(d)
           stats["per_seed"] = dict(zip(paired, d, strict=True))
           stats["mde80"] = mde80(stats["sd"], len(d))
-          row[f"delta_{split}"] = stats
+          row[f"{name}_{split}"] = stats
       rows.append(row)
     order = {BASELINE.label: 0, DEFAULT.label: 1}
-    rows.sort(key=lambda r: (order.get(r["method"], 2), r["method"]))
+    rows.sort(key=lambda r: (r["phase"] == "swap",
+                             order.get(r["method"], 2), r["method"]))
     out["optimizers"][opt] = {"tuning": tuning, "rows": rows}
   out["runs"] = len(by_key)
   out["hours"] = sum(r["seconds"] for r in records) / 3600
@@ -595,6 +616,16 @@ def markdown(results: dict) -> str:
           f"{_pm(r['test'])} | {_pm(r['val'])} | "
           f"{_pm(d, True)} | {_pm(r.get('delta_val'), True)} | {sd} | "
           f"{mde} |")
+    same = [r for r in res["rows"] if "same_rate_delta_test" in r]
+    if same:
+      lines += ["", "Against the baseline at the same rate (swap):", "",
+                "| method | lr | paired test delta | paired val delta | MDE |",
+                "|---|---|---|---|---|"]
+      for r in same:
+        d = r["same_rate_delta_test"]
+        mde = "—" if d["mde80"] is None else f"{100 * d['mde80']:.2f}"
+        lines.append(f"| {r['method']} | {r['lr']} | {_pm(d, True)} | "
+                     f"{_pm(r['same_rate_delta_val'], True)} | {mde} |")
     lines += ["", "Validation accuracy (%) of the tuning seeds, per rate:",
               "", "| method | rate: mean val acc |", "|---|---|"]
     for label, per_lr in sorted(res["tuning"].items()):
@@ -629,7 +660,8 @@ def plot_deltas(results: dict, path: str) -> None:
                   fmt="o", color="black", capsize=4)
     ax.axhline(0.0, color="gray", lw=0.8)
     ax.set_xlim(-0.6, max(len(rows), 1) - 0.4)
-    ax.set_xticks(range(len(rows)), [r["method"] for r in rows],
+    ax.set_xticks(range(len(rows)), [f"{r['method']}, lr {r['lr']}"
+                                     for r in rows],
                   rotation=20, ha="right")
     if not rows:
       ax.text(0.5, 0.5, "no final seeds yet", ha="center",
@@ -668,7 +700,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--out", default="fashion_mnist_out",
                  help="where the run records go (default %(default)s)")
   p.add_argument("--phases", default="primary,secondary",
-                 help="primary, or primary,secondary (default %(default)s)")
+                 help="primary, primary,secondary (the protocol), or with "
+                 "swap, each method at the other's rate (default "
+                 "%(default)s)")
   p.add_argument("--quick", action="store_true",
                  help="a smoke test: 2,048 training images, 1 epoch, "
                  "narrow layers, 1 tuning and 3 final seeds")
@@ -683,9 +717,9 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
   args = parse_args(argv)
   config = QUICK if args.quick else Config()
   phases = tuple(args.phases.split(","))
-  if not set(phases) <= {"primary", "secondary"}:
-    raise SystemExit(f"--phases={args.phases!r}: expected primary or "
-                     "primary,secondary.")
+  if not set(phases) <= {"primary", "secondary", "swap"}:
+    raise SystemExit(f"--phases={args.phases!r}: expected phases among "
+                     "primary, secondary and swap.")
   if args.report:
     return report(args.out, args.results or args.out, config, phases)
   data = load_fashion_mnist(args.data_dir, config.val_size)

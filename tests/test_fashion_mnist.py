@@ -201,6 +201,65 @@ class PlanTest(absltest.TestCase):
     self.assertEqual(chosen, {("sgd", "cdg output 0.3", 0.1)})
 
 
+  def test_swap_runs_each_method_at_the_others_rate(self):
+    val = {("sgd", B, 0.05): 0.8, ("sgd", B, 0.1): 0.9, ("sgd", B, 0.2): 0.8,
+           ("sgd", D, 0.05): 0.8, ("sgd", D, 0.1): 0.8, ("sgd", D, 0.2): 0.9,
+           ("sgd", D, 0.4): 0.8}
+    val.update({("adamw", label, lr): 0.9 if lr == 2e-3 else 0.8
+                for label in (B, D) for lr in (1e-3, 2e-3, 4e-3)})
+    _, runs = _plan(val, ("primary", "swap"))
+    swap = {(r.optimizer, r.method, r.lr) for r in runs if r.phase == "swap"}
+    # SGD chose 0.1 and 0.2; AdamW chose the same rate: no swap there.
+    self.assertEqual(swap, {("sgd", fm.BASELINE, 0.2),
+                            ("sgd", fm.DEFAULT, 0.1)})
+    self.assertTrue(all(r.final for r in runs if r.phase == "swap"))
+    _, runs = _plan(val, ("primary", "secondary"))
+    self.assertFalse(any(r.phase == "swap" for r in runs))
+
+
+def _final(opt, label, lr, seed, phase, test, val=0.5):
+  smoothing = None if label == B else 0.1
+  return {"key": f"{opt} {label} lr={lr!r} seed={seed}", "optimizer": opt,
+          "method": label, "smoothing": smoothing, "direction": "output",
+          "lr": lr, "seed": seed, "final": True, "phase": phase,
+          "val_acc": val, "test_acc": test, "seconds": 1.0, "cpu": "cpu",
+          "jax": "j", "optax": "o", "flax": "f", "commit": "c"}
+
+
+class SummarizeTest(absltest.TestCase):
+
+  def test_deltas_to_the_chosen_baseline_and_at_the_same_rate(self):
+    records = []
+    for s, (b1, b2, d1, d2) in zip(
+        (10, 11, 12), ((0.80, 0.82, 0.81, 0.84), (0.70, 0.73, 0.72, 0.75),
+                       (0.90, 0.91, 0.93, 0.92)), strict=True):
+      records += [_final("sgd", B, 0.1, s, "primary", b1),
+                  _final("sgd", B, 0.2, s, "swap", b2),
+                  _final("sgd", D, 0.1, s, "swap", d1),
+                  _final("sgd", D, 0.2, s, "primary", d2)]
+    res = fm.summarize(records, CONFIG, ("primary",))["optimizers"]["sgd"]
+    rows = {(r["method"], r["lr"]): r for r in res["rows"]}
+    self.assertEqual([(r["method"], r["lr"], r["phase"]) for r in res["rows"]],
+                     [(B, 0.1, "primary"), (D, 0.2, "primary"),
+                      (B, 0.2, "swap"), (D, 0.1, "swap")])
+    self.assertNotIn("delta_test", rows[(B, 0.1)])
+    # The primary delta: the default at its rate minus the baseline at its.
+    self.assertEqual(rows[(D, 0.2)]["delta_test"]["per_seed"],
+                     {10: 0.84 - 0.80, 11: 0.75 - 0.70, 12: 0.92 - 0.90})
+    # At one rate: against the baseline's swap runs at 0.2 ...
+    self.assertEqual(rows[(D, 0.2)]["same_rate_delta_test"]["per_seed"],
+                     {10: 0.84 - 0.82, 11: 0.75 - 0.73, 12: 0.92 - 0.91})
+    # ... and at 0.1, where that is the baseline's own row: one delta.
+    self.assertNotIn("same_rate_delta_test", rows[(D, 0.1)])
+    self.assertAlmostEqual(rows[(D, 0.1)]["delta_test"]["mean"], 0.02)
+    # The baseline at the other rate: what the rate alone changes.
+    self.assertAlmostEqual(rows[(B, 0.2)]["delta_test"]["mean"],
+                           (0.02 + 0.03 + 0.01) / 3)
+    self.assertNotIn("same_rate_delta_test", rows[(B, 0.2)])
+    self.assertIn("Against the baseline at the same rate",
+                  fm.markdown(fm.summarize(records, CONFIG, ("primary",))))
+
+
 class ClaimTest(absltest.TestCase):
 
   def test_claims_are_exclusive_until_their_process_ends(self):
@@ -318,12 +377,13 @@ class CommittedResultsTest(absltest.TestCase):
     # the difference of two records of the same seed.
     by = by_key(records)
     for opt, res in committed["optimizers"].items():
-      rows = {r["method"]: r for r in res["rows"]}
-      base = rows.get(B)
-      for row in rows.values():
-        if "delta_test" not in row:
-          continue
-        for seed, delta in row["delta_test"]["per_seed"].items():
-          mine = by[f"{opt} {row['method']} lr={row['lr']!r} seed={seed}"]
-          theirs = by[f"{opt} {B} lr={base['lr']!r} seed={seed}"]
-          self.assertAlmostEqual(delta, mine["test_acc"] - theirs["test_acc"])
+      base = [r for r in res["rows"]
+              if r["method"] == B and r["phase"] == "primary"]
+      for row in res["rows"]:
+        for name, lr in (("delta_test", base and base[0]["lr"]),
+                         ("same_rate_delta_test", row["lr"])):
+          for seed, delta in row.get(name, {}).get("per_seed", {}).items():
+            mine = by[f"{opt} {row['method']} lr={row['lr']!r} seed={seed}"]
+            theirs = by[f"{opt} {B} lr={lr!r} seed={seed}"]
+            self.assertAlmostEqual(delta,
+                                   mine["test_acc"] - theirs["test_acc"])
