@@ -589,7 +589,9 @@ def _pm(stats: dict | None, signed: bool = False) -> str:
     return "—"
   sign = "+" if signed else ""
   ci = "" if stats["ci95"] is None else f" ± {100 * stats['ci95']:.2f}"
-  return f"{100 * stats['mean']:{sign}.2f}{ci}"
+  mean = 100 * stats["mean"]
+  mean = 0.0 if round(mean, 2) == 0 else mean  # no "-0.00"
+  return f"{mean:{sign}.2f}{ci}"
 
 
 def markdown(results: dict) -> str:
@@ -666,7 +668,10 @@ def plot_deltas(results: dict, path: str) -> None:
     if not rows:
       ax.text(0.5, 0.5, "no final seeds yet", ha="center",
               transform=ax.transAxes)
-    ax.set_title(f"{opt}: test accuracy, CDG minus baseline")
+    base = [r["lr"] for r in results["optimizers"][opt]["rows"]
+            if r["method"] == BASELINE.label and r["phase"] == "primary"]
+    at = f" at lr {base[0]}" if base else ""
+    ax.set_title(f"{opt}: test accuracy minus the baseline's{at}")
     ax.set_ylabel("paired delta per seed (points)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)

@@ -259,6 +259,11 @@ class SummarizeTest(absltest.TestCase):
     self.assertIn("Against the baseline at the same rate",
                   fm.markdown(fm.summarize(records, CONFIG, ("primary",))))
 
+  def test_a_mean_that_rounds_to_zero_has_no_sign_of_its_own(self):
+    self.assertEqual(fm._pm({"mean": -2e-6, "ci95": 0.0013}, True),
+                     "+0.00 ± 0.13")
+    self.assertEqual(fm._pm({"mean": -0.0021, "ci95": None}, True), "-0.21")
+
 
 class ClaimTest(absltest.TestCase):
 
