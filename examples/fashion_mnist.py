@@ -545,12 +545,11 @@ def summarize(records: Sequence[dict], config: Config,
     for r in records:
       if r["optimizer"] == opt and r["final"]:
         finals.setdefault((r["method"], r["lr"]), {})[r["seed"]] = r
-    # The baseline at its own rate; at another rate (swap), a method too.
+    # Deltas are to the baseline at its chosen rate and, where it also ran
+    # at a method's rate (swap), to the baseline at that rate.
     baselines = {lr: runs for (label, lr), runs in finals.items()
                  if label == BASELINE.label}
-    base_lr = next((lr for lr, runs in baselines.items()
-                    if next(iter(runs.values()))["phase"] == "primary"),
-                   None)
+    base_lr = planner.learning_rate("primary", opt, BASELINE)
     rows = []
     for (label, lr), runs in finals.items():
       seeds = sorted(runs)
@@ -558,13 +557,13 @@ def summarize(records: Sequence[dict], config: Config,
              "seeds": seeds,
              "test": _stats([runs[s]["test_acc"] for s in seeds]),
              "val": _stats([runs[s]["val_acc"] for s in seeds])}
-      same = baselines.get(lr) if label != BASELINE.label else None
-      for name, base in (("delta", baselines.get(base_lr)),
-                         ("same_rate_delta", same)):
-        if base is None or base is runs or (name != "delta"
-                                            and lr == base_lr):
-          continue
-        paired = [s for s in seeds if s in base]
+      own = label == BASELINE.label
+      against = {
+          "delta": None if own and lr == base_lr else baselines.get(base_lr),
+          "same_rate_delta": None if own or lr == base_lr
+                             else baselines.get(lr)}
+      for name, base in against.items():
+        paired = [s for s in seeds if s in (base or {})]
         for split in ("test", "val") if paired else ():
           d = [runs[s][f"{split}_acc"] - base[s][f"{split}_acc"]
                for s in paired]
@@ -576,7 +575,8 @@ def summarize(records: Sequence[dict], config: Config,
     order = {BASELINE.label: 0, DEFAULT.label: 1}
     rows.sort(key=lambda r: (r["phase"] == "swap",
                              order.get(r["method"], 2), r["method"]))
-    out["optimizers"][opt] = {"tuning": tuning, "rows": rows}
+    out["optimizers"][opt] = {"tuning": tuning, "baseline_lr": base_lr,
+                              "rows": rows}
   out["runs"] = len(by_key)
   out["hours"] = sum(r["seconds"] for r in records) / 3600
   out["provenance"] = sorted({(r["cpu"], r["jax"], r["optax"], r["flax"],
@@ -592,6 +592,12 @@ def _pm(stats: dict | None, signed: bool = False) -> str:
   mean = 100 * stats["mean"]
   mean = 0.0 if round(mean, 2) == 0 else mean  # no "-0.00"
   return f"{mean:{sign}.2f}{ci}"
+
+
+def _mde(stats: dict | None) -> str:
+  if not stats or stats["mde80"] is None:
+    return "—"
+  return f"{100 * stats['mde80']:.2f}"
 
 
 def markdown(results: dict) -> str:
@@ -612,12 +618,11 @@ def markdown(results: dict) -> str:
     for r in res["rows"]:
       d = r.get("delta_test")
       sd = "—" if not d or d["sd"] is None else f"{100 * d['sd']:.2f}"
-      mde = "—" if not d or d["mde80"] is None else f"{100 * d['mde80']:.2f}"
       lines.append(
           f"| {r['method']} | {r['phase']} | {r['lr']} | {len(r['seeds'])} | "
           f"{_pm(r['test'])} | {_pm(r['val'])} | "
           f"{_pm(d, True)} | {_pm(r.get('delta_val'), True)} | {sd} | "
-          f"{mde} |")
+          f"{_mde(d)} |")
     same = [r for r in res["rows"] if "same_rate_delta_test" in r]
     if same:
       lines += ["", "Against the baseline at the same rate (swap):", "",
@@ -625,9 +630,8 @@ def markdown(results: dict) -> str:
                 "|---|---|---|---|---|"]
       for r in same:
         d = r["same_rate_delta_test"]
-        mde = "—" if d["mde80"] is None else f"{100 * d['mde80']:.2f}"
         lines.append(f"| {r['method']} | {r['lr']} | {_pm(d, True)} | "
-                     f"{_pm(r['same_rate_delta_val'], True)} | {mde} |")
+                     f"{_pm(r['same_rate_delta_val'], True)} | {_mde(d)} |")
     lines += ["", "Validation accuracy (%) of the tuning seeds, per rate:",
               "", "| method | rate: mean val acc |", "|---|---|"]
     for label, per_lr in sorted(res["tuning"].items()):
@@ -668,9 +672,8 @@ def plot_deltas(results: dict, path: str) -> None:
     if not rows:
       ax.text(0.5, 0.5, "no final seeds yet", ha="center",
               transform=ax.transAxes)
-    base = [r["lr"] for r in results["optimizers"][opt]["rows"]
-            if r["method"] == BASELINE.label and r["phase"] == "primary"]
-    at = f" at lr {base[0]}" if base else ""
+    base_lr = results["optimizers"][opt]["baseline_lr"]
+    at = "" if base_lr is None else f" at lr {base_lr}"
     ax.set_title(f"{opt}: test accuracy minus the baseline's{at}")
     ax.set_ylabel("paired delta per seed (points)")
   fig.tight_layout()
