@@ -545,11 +545,14 @@ def summarize(records: Sequence[dict], config: Config,
     for r in records:
       if r["optimizer"] == opt and r["final"]:
         finals.setdefault((r["method"], r["lr"]), {})[r["seed"]] = r
-    # Deltas are to the baseline at its chosen rate and, where it also ran
-    # at a method's rate (swap), to the baseline at that rate.
+    # Deltas are to the baseline at its chosen rate; where it also ran at a
+    # method's rate (swap), to the baseline at that rate; and for another
+    # direction or smoothing (secondary), to the default at its chosen rate.
     baselines = {lr: runs for (label, lr), runs in finals.items()
                  if label == BASELINE.label}
     base_lr = planner.learning_rate("primary", opt, BASELINE)
+    default_lr = planner.learning_rate("primary", opt, DEFAULT)
+    default = finals.get((DEFAULT.label, default_lr))
     rows = []
     for (label, lr), runs in finals.items():
       seeds = sorted(runs)
@@ -561,7 +564,9 @@ def summarize(records: Sequence[dict], config: Config,
       against = {
           "delta": None if own and lr == base_lr else baselines.get(base_lr),
           "same_rate_delta": None if own or lr == base_lr
-                             else baselines.get(lr)}
+                             else baselines.get(lr),
+          "default_delta": None if label in (BASELINE.label, DEFAULT.label)
+                           else default}
       for name, base in against.items():
         paired = [s for s in seeds if s in (base or {})]
         for split in ("test", "val") if paired else ():
@@ -576,7 +581,7 @@ def summarize(records: Sequence[dict], config: Config,
     rows.sort(key=lambda r: (r["phase"] == "swap",
                              order.get(r["method"], 2), r["method"]))
     out["optimizers"][opt] = {"tuning": tuning, "baseline_lr": base_lr,
-                              "rows": rows}
+                              "default_lr": default_lr, "rows": rows}
   out["runs"] = len(by_key)
   out["hours"] = sum(r["seconds"] for r in records) / 3600
   out["provenance"] = sorted({(r["cpu"], r["jax"], r["optax"], r["flax"],
@@ -632,6 +637,16 @@ def markdown(results: dict) -> str:
         d = r["same_rate_delta_test"]
         lines.append(f"| {r['method']} | {r['lr']} | {_pm(d, True)} | "
                      f"{_pm(r['same_rate_delta_val'], True)} | {_mde(d)} |")
+    other = [r for r in res["rows"] if "default_delta_test" in r]
+    if other:
+      lines += ["", f"Against the default ({DEFAULT.label}) at its rate "
+                f"{res['default_lr']} (secondary):", "",
+                "| method | lr | paired test delta | paired val delta | MDE |",
+                "|---|---|---|---|---|"]
+      for r in other:
+        d = r["default_delta_test"]
+        lines.append(f"| {r['method']} | {r['lr']} | {_pm(d, True)} | "
+                     f"{_pm(r['default_delta_val'], True)} | {_mde(d)} |")
     lines += ["", "Validation accuracy (%) of the tuning seeds, per rate:",
               "", "| method | rate: mean val acc |", "|---|---|"]
     for label, per_lr in sorted(res["tuning"].items()):

@@ -267,6 +267,28 @@ class SummarizeTest(absltest.TestCase):
     self.assertIn("Against the baseline at the same rate",
                   fm.markdown(fm.summarize(records, CONFIG, ("primary",))))
 
+  def test_another_direction_is_also_paired_with_the_default(self):
+    records = _tuned("sgd", {B: 0.1, D: 0.2})
+    inp = "cdg input 0.1"
+    for s, (b, d, i) in zip((10, 11), ((0.80, 0.84, 0.79), (0.70, 0.75, 0.76)),
+                            strict=True):
+      records += [_final("sgd", B, 0.1, s, "primary", b),
+                  _final("sgd", D, 0.2, s, "primary", d),
+                  _final("sgd", inp, 0.4, s, "secondary", i)]
+    results = fm.summarize(records, CONFIG, ("primary",))
+    res = results["optimizers"]["sgd"]
+    rows = {r["method"]: r for r in res["rows"]}
+    self.assertEqual(res["default_lr"], 0.2)
+    self.assertEqual(rows[inp]["delta_test"]["per_seed"],
+                     {10: 0.79 - 0.80, 11: 0.76 - 0.70})
+    self.assertEqual(rows[inp]["default_delta_test"]["per_seed"],
+                     {10: 0.79 - 0.84, 11: 0.76 - 0.75})
+    # Neither the baseline nor the default is paired with the default.
+    self.assertNotIn("default_delta_test", rows[B])
+    self.assertNotIn("default_delta_test", rows[D])
+    self.assertIn("| cdg input 0.1 | 0.4 | -2.00 ± ",
+                  fm.markdown(results))
+
   def test_a_mean_that_rounds_to_zero_has_no_sign_of_its_own(self):
     self.assertEqual(fm._pm({"mean": -2e-6, "ci95": 0.0013}, True),
                      "+0.00 ± 0.13")
