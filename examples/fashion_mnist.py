@@ -383,8 +383,13 @@ def _provenance() -> dict[str, Any]:
   cpu = platform.processor()
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f
-                  if line.startswith("model name")), cpu)
+      info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0]
+                  .splitlines() if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    # A cloud host may name only the brand ("AMD EPYC"); family and model
+    # tell its generations apart.
+    cpu = (f"{info.get('model name', cpu)} (family {info.get('cpu family')},"
+           f" model {info.get('model')})")
   except OSError:
     pass
   import flax  # pylint: disable=g-import-not-at-top
