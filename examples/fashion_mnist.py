@@ -34,6 +34,13 @@ test number was read:
 protocol: where the two methods chose different rates, each also runs the
 final seeds at the other's rate, so that a delta can be read at one rate.
 
+`--rerun OPTIMIZER`, also outside the protocol: trains again, as runs of
+phase "rerun", that optimizer's primary final seeds (baseline and default,
+at their chosen rates) and the default's tuning seeds at its rate, on the
+host of the worker. Runs are bit-identical on one host but not across
+CPUs; where the secondary runs were trained on another host than the
+primary ones, the report pairs them with the reruns too.
+
 Every run appends one line to DIR/runs.jsonl. Any number of workers can run
 on one host at once (each claims a run in DIR/claims/ before training it);
 a killed worker loses only the run it was training, and the next worker
@@ -245,7 +252,7 @@ QUICK = Config(widths=(8, 8, 16), epochs=1, batch_size=64, train_size=2048,
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  phase: str  # "primary", "secondary" or "swap"
+  phase: str  # "primary", "secondary", "swap" or "rerun"
   optimizer: str
   method: Method
   lr: float
@@ -254,8 +261,9 @@ class Run:
 
   @property
   def key(self) -> str:
+    rerun = " rerun" if self.phase == "rerun" else ""
     return (f"{self.optimizer} {self.method.label} lr={self.lr!r} "
-            f"seed={self.seed}")
+            f"seed={self.seed}{rerun}")
 
 
 class Planner:
@@ -318,7 +326,8 @@ class Planner:
         vals[lam] = got[lr]
     return select_lr(vals) if len(vals) == len(options) else None
 
-  def plan(self, phases: Sequence[str]) -> list[Run]:
+  def plan(self, phases: Sequence[str],
+           rerun: Sequence[str] = ()) -> list[Run]:
     for opt in OPTIMIZERS:
       for method in (BASELINE, DEFAULT):
         self.finals("primary", opt, method,
@@ -340,6 +349,14 @@ class Planner:
         if None not in (lr_b, lr_d) and lr_b != lr_d:
           self.finals("swap", opt, BASELINE, lr_d)
           self.finals("swap", opt, DEFAULT, lr_b)
+    for opt in rerun:
+      for method in (BASELINE, DEFAULT):
+        self.finals("rerun", opt, method,
+                    self.learning_rate("primary", opt, method))
+      lr = self.learning_rate("primary", opt, DEFAULT)
+      if lr is not None:  # for the smoothing's choice on one host
+        self.runs += [Run("rerun", opt, DEFAULT, lr, s, final=False)
+                      for s in self.config.tune_seeds]
     seen, out = set(), []
     for r in self.runs:  # a run may be planned twice (a shared tuning run)
       if r.key not in seen:
@@ -491,7 +508,7 @@ def claim(out: str, key: str) -> bool:
 
 def work(out: str, data: dict[str, Split], config: Config,
          phases: Sequence[str], poll: float = 30.0,
-         log: Any = print) -> int:
+         log: Any = print, rerun: Sequence[str] = ()) -> int:
   """Trains what the plan still needs until nothing is left; returns how
   many runs this worker trained."""
   os.makedirs(out, exist_ok=True)
@@ -500,7 +517,7 @@ def work(out: str, data: dict[str, Split], config: Config,
   while True:
     records = load_records(out, config)
     done = {r["key"] for r in records}
-    todo = [r for r in Planner(config, records).plan(phases)
+    todo = [r for r in Planner(config, records).plan(phases, rerun)
             if r.key not in done]
     if not todo:
       return trained
@@ -528,65 +545,108 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
   return {"mean": mean, "ci95": ci, "sd": sd, "n": len(values)}
 
 
+def _paired(runs: dict[int, dict],
+            base: dict[int, dict] | None) -> dict[str, Any]:
+  """The paired deltas `runs - base` over their common seeds, per split."""
+  paired = [s for s in sorted(runs) if s in (base or {})]
+  out = {}
+  for split in ("test", "val") if paired else ():
+    d = [runs[s][f"{split}_acc"] - base[s][f"{split}_acc"] for s in paired]
+    stats = _stats(d)
+    stats["per_seed"] = dict(zip(paired, d, strict=True))
+    stats["mde80"] = mde80(stats["sd"], len(d))
+    out[split] = stats
+  return out
+
+
 def summarize(records: Sequence[dict], config: Config,
-              phases: Sequence[str]) -> dict[str, Any]:
+              phases: Sequence[str],
+              rerun: Sequence[str] = ()) -> dict[str, Any]:
   """Per optimizer: the tuning grid, the chosen rates, and the final
   seeds' test accuracy and paired deltas to the baseline. Complete when
-  `phases` need no more runs."""
+  `phases` (and the reruns of `rerun`'s optimizers) need no more runs."""
   planner = Planner(config, records)
   done = {r["key"] for r in records}
-  missing = [r for r in planner.plan(phases) if r.key not in done]
+  missing = [r for r in planner.plan(phases, rerun) if r.key not in done]
   by_key = {r["key"]: r for r in records}
   out: dict[str, Any] = {"config": dataclasses.asdict(config),
-                         "phases": list(phases), "missing_runs": len(missing),
+                         "phases": list(phases), "rerun": list(rerun),
+                         "missing_runs": len(missing),
                          "optimizers": {}}
   for opt in OPTIMIZERS:
     tuning: dict[str, dict[str, Any]] = {}
+    finals: dict[tuple[str, float], dict[int, dict]] = {}
+    again: dict[tuple[str, float], dict[int, dict]] = {}  # reruns
     for r in records:
-      if r["optimizer"] == opt and not r["final"]:
+      if r["optimizer"] != opt:
+        continue
+      if r["phase"] == "rerun":
+        if r["final"]:
+          again.setdefault((r["method"], r["lr"]), {})[r["seed"]] = r
+      elif r["final"]:
+        finals.setdefault((r["method"], r["lr"]), {})[r["seed"]] = r
+      else:
         tuning.setdefault(r["method"], {}).setdefault(
             repr(r["lr"]), []).append(r["val_acc"])
-    finals: dict[tuple[str, float], dict[int, dict]] = {}
-    for r in records:
-      if r["optimizer"] == opt and r["final"]:
-        finals.setdefault((r["method"], r["lr"]), {})[r["seed"]] = r
     # Deltas are to the baseline at its chosen rate; where it also ran at a
-    # method's rate (swap), to the baseline at that rate; and for another
-    # direction or smoothing (secondary), to the default at its chosen rate.
+    # method's rate (swap), to the baseline at that rate; for another
+    # direction or smoothing (secondary), to the default at its chosen rate;
+    # and where the primary runs were trained again (rerun), to those.
     baselines = {lr: runs for (label, lr), runs in finals.items()
                  if label == BASELINE.label}
     base_lr = planner.learning_rate("primary", opt, BASELINE)
     default_lr = planner.learning_rate("primary", opt, DEFAULT)
-    default = finals.get((DEFAULT.label, default_lr))
+    primary = {BASELINE.label: base_lr, DEFAULT.label: default_lr}
     rows = []
-    for (label, lr), runs in finals.items():
+    for (label, lr), runs in [*finals.items(), *again.items()]:
       seeds = sorted(runs)
-      row = {"method": label, "lr": lr, "phase": runs[seeds[0]]["phase"],
-             "seeds": seeds,
+      phase = runs[seeds[0]]["phase"]
+      row = {"method": label, "lr": lr, "phase": phase, "seeds": seeds,
              "test": _stats([runs[s]["test_acc"] for s in seeds]),
              "val": _stats([runs[s]["val_acc"] for s in seeds])}
       own = label == BASELINE.label
-      against = {
-          "delta": None if own and lr == base_lr else baselines.get(base_lr),
-          "same_rate_delta": None if own or lr == base_lr
-                             else baselines.get(lr),
-          "default_delta": None if label in (BASELINE.label, DEFAULT.label)
-                           else default}
+      other = label not in primary
+      if phase == "rerun":
+        against = {"delta": None if own else again.get((BASELINE.label,
+                                                        base_lr)),
+                   "host_delta": finals.get((label, lr))}
+      else:
+        against = {
+            "delta": None if own and lr == base_lr
+                     else baselines.get(base_lr),
+            "same_rate_delta": None if own or lr == base_lr
+                               else baselines.get(lr),
+            "default_delta": finals.get((DEFAULT.label, default_lr))
+                             if other else None,
+            "rerun_delta": again.get((BASELINE.label, base_lr))
+                           if other else None,
+            "rerun_default_delta": again.get((DEFAULT.label, default_lr))
+                                   if other else None}
       for name, base in against.items():
-        paired = [s for s in seeds if s in (base or {})]
-        for split in ("test", "val") if paired else ():
-          d = [runs[s][f"{split}_acc"] - base[s][f"{split}_acc"]
-               for s in paired]
-          stats = _stats(d)
-          stats["per_seed"] = dict(zip(paired, d, strict=True))
-          stats["mde80"] = mde80(stats["sd"], len(d))
+        for split, stats in _paired(runs, base).items():
           row[f"{name}_{split}"] = stats
       rows.append(row)
     order = {BASELINE.label: 0, DEFAULT.label: 1}
-    rows.sort(key=lambda r: (r["phase"] == "swap",
+    rows.sort(key=lambda r: ({"swap": 1, "rerun": 2}.get(r["phase"], 0),
                              order.get(r["method"], 2), r["method"]))
-    out["optimizers"][opt] = {"tuning": tuning, "baseline_lr": base_lr,
-                              "default_lr": default_lr, "rows": rows}
+    res = {"tuning": tuning, "baseline_lr": base_lr,
+           "default_lr": default_lr, "rows": rows}
+    # The smoothing's choice with every value's tuning runs from one host:
+    # the default's own from its reruns.
+    tuned_again = [by_key.get(Run("rerun", opt, DEFAULT, default_lr, s,
+                                  final=False).key)
+                   for s in config.tune_seeds]
+    if default_lr is not None and all(tuned_again):
+      vals = {DEFAULT.smoothing: [r["val_acc"] for r in tuned_again]}
+      for lam in config.sweep:
+        got = tuning.get(Method(lam).label, {}).get(repr(default_lr))
+        if got is not None and len(got) == len(config.tune_seeds):
+          vals[lam] = got
+      if len(vals) == 1 + len(config.sweep):
+        res["rerun_smoothing"] = {
+            "val": {repr(lam): float(np.mean(v)) for lam, v in vals.items()},
+            "choice": select_lr(vals)}
+    out["optimizers"][opt] = res
   out["runs"] = len(by_key)
   out["hours"] = sum(r["seconds"] for r in records) / 3600
   out["provenance"] = sorted({(r["cpu"], r["jax"], r["optax"], r["flax"],
@@ -618,7 +678,9 @@ def markdown(results: dict) -> str:
            "paired effect the design detects (two-sided 5 %, 80 % power).",
            "", f"Runs: {results['runs']}, {results['hours']:.1f} hours of "
            f"training summed over workers. Phases: "
-           f"{', '.join(results['phases'])}; runs the plan still needs: "
+           f"{', '.join(results['phases'])}"
+           + "".join(f", {opt} rerun" for opt in results["rerun"])
+           + "; runs the plan still needs: "
            f"{results['missing_runs']}.", ""]
   for opt, res in results["optimizers"].items():
     lines += [f"## {opt}", "",
@@ -633,25 +695,32 @@ def markdown(results: dict) -> str:
           f"{_pm(r['test'])} | {_pm(r['val'])} | "
           f"{_pm(d, True)} | {_pm(r.get('delta_val'), True)} | {sd} | "
           f"{_mde(d)} |")
-    same = [r for r in res["rows"] if "same_rate_delta_test" in r]
-    if same:
-      lines += ["", "Against the baseline at the same rate (swap):", "",
-                "| method | lr | paired test delta | paired val delta | MDE |",
-                "|---|---|---|---|---|"]
-      for r in same:
-        d = r["same_rate_delta_test"]
-        lines.append(f"| {r['method']} | {r['lr']} | {_pm(d, True)} | "
-                     f"{_pm(r['same_rate_delta_val'], True)} | {_mde(d)} |")
-    other = [r for r in res["rows"] if "default_delta_test" in r]
-    if other:
-      lines += ["", f"Against the default ({DEFAULT.label}) at its rate "
-                f"{res['default_lr']} (secondary):", "",
-                "| method | lr | paired test delta | paired val delta | MDE |",
-                "|---|---|---|---|---|"]
-      for r in other:
-        d = r["default_delta_test"]
-        lines.append(f"| {r['method']} | {r['lr']} | {_pm(d, True)} | "
-                     f"{_pm(r['default_delta_val'], True)} | {_mde(d)} |")
+    at = f"at its rate {res['default_lr']}"
+    for name, title in (
+        ("same_rate_delta", "Against the baseline at the same rate (swap)"),
+        ("default_delta", f"Against the default ({DEFAULT.label}) {at}"),
+        ("host_delta", "A rerun against the first run of each seed: what "
+         "the host changes (rerun)"),
+        ("rerun_delta", "Against the baseline's reruns (one host)"),
+        ("rerun_default_delta", f"Against the default's reruns {at} "
+         "(one host)")):
+      rows = [r for r in res["rows"] if f"{name}_test" in r]
+      if rows:
+        lines += ["", f"{title}:", "",
+                  "| method | phase | lr | paired test delta | "
+                  "paired val delta | MDE |", "|---|---|---|---|---|---|"]
+      for r in rows:
+        d = r[f"{name}_test"]
+        lines.append(f"| {r['method']} | {r['phase']} | {r['lr']} | "
+                     f"{_pm(d, True)} | {_pm(r[f'{name}_val'], True)} | "
+                     f"{_mde(d)} |")
+    if "rerun_smoothing" in res:
+      got = res["rerun_smoothing"]
+      cells = ", ".join(f"{float(lam):g}: {100 * v:.2f}"
+                        for lam, v in got["val"].items())
+      lines += ["", f"The smoothing chosen with the default's reruns "
+                f"(one host), mean val acc % {at}: {cells}; choice "
+                f"{got['choice']:g}."]
     lines += ["", "Validation accuracy (%) of the tuning seeds, per rate:",
               "", "| method | rate: mean val acc |", "|---|---|"]
     for label, per_lr in sorted(res["tuning"].items()):
@@ -686,8 +755,9 @@ def plot_deltas(results: dict, path: str) -> None:
                   fmt="o", color="black", capsize=4)
     ax.axhline(0.0, color="gray", lw=0.8)
     ax.set_xlim(-0.6, max(len(rows), 1) - 0.4)
-    ax.set_xticks(range(len(rows)), [f"{r['method']}, lr {r['lr']}"
-                                     for r in rows],
+    ax.set_xticks(range(len(rows)), [
+        f"{r['method']}, lr {r['lr']}"
+        + (" (rerun)" if r["phase"] == "rerun" else "") for r in rows],
                   rotation=20, ha="right")
     if not rows:
       ax.text(0.5, 0.5, "no final seeds yet", ha="center",
@@ -702,9 +772,10 @@ def plot_deltas(results: dict, path: str) -> None:
 
 
 def report(out: str, results_dir: str, config: Config,
-           phases: Sequence[str] = ("primary", "secondary")) -> dict:
+           phases: Sequence[str] = ("primary", "secondary"),
+           rerun: Sequence[str] = ()) -> dict:
   """results.json, results.md and paired_deltas.png from DIR's records."""
-  results = summarize(load_records(out, config), config, phases)
+  results = summarize(load_records(out, config), config, phases, rerun)
   os.makedirs(results_dir, exist_ok=True)
   with open(os.path.join(results_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
@@ -731,6 +802,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="primary, primary,secondary (the protocol), or with "
                  "swap, each method at the other's rate (default "
                  "%(default)s)")
+  p.add_argument("--rerun", default="",
+                 help="optimizers (sgd, adamw) whose primary runs to train "
+                 "again on this host (outside the protocol; default none)")
   p.add_argument("--quick", action="store_true",
                  help="a smoke test: 2,048 training images, 1 epoch, "
                  "narrow layers, 1 tuning and 3 final seeds")
@@ -748,10 +822,14 @@ def main(argv: Sequence[str] | None = None) -> dict | int:
   if not set(phases) <= {"primary", "secondary", "swap"}:
     raise SystemExit(f"--phases={args.phases!r}: expected phases among "
                      "primary, secondary and swap.")
+  rerun = tuple(args.rerun.split(",")) if args.rerun else ()
+  if not set(rerun) <= set(OPTIMIZERS):
+    raise SystemExit(f"--rerun={args.rerun!r}: expected optimizers among "
+                     f"{', '.join(OPTIMIZERS)}.")
   if args.report:
-    return report(args.out, args.results or args.out, config, phases)
+    return report(args.out, args.results or args.out, config, phases, rerun)
   data = load_fashion_mnist(args.data_dir, config.val_size)
-  return work(args.out, data, config, phases)
+  return work(args.out, data, config, phases, rerun=rerun)
 
 
 if __name__ == "__main__":

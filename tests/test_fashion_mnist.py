@@ -133,9 +133,9 @@ def _records(val: dict, config=CONFIG, test=None) -> list[dict]:
   return out
 
 
-def _plan(val, phases=("primary",)):
+def _plan(val, phases=("primary",), rerun=()):
   planner = fm.Planner(CONFIG, _records(val))
-  return planner, planner.plan(phases)
+  return planner, planner.plan(phases, rerun)
 
 
 B, D = fm.BASELINE.label, fm.DEFAULT.label
@@ -217,6 +217,27 @@ class PlanTest(absltest.TestCase):
     self.assertFalse(any(r.phase == "swap" for r in runs))
 
 
+  def test_rerun_trains_the_primary_finals_again_under_their_own_keys(self):
+    val = {("sgd", B, 0.05): 0.8, ("sgd", B, 0.1): 0.9, ("sgd", B, 0.2): 0.8,
+           ("sgd", D, 0.05): 0.8, ("sgd", D, 0.1): 0.8, ("sgd", D, 0.2): 0.9,
+           ("sgd", D, 0.4): 0.8}
+    _, runs = _plan(val, ("primary",), rerun=("sgd",))
+    rerun = [r for r in runs if r.phase == "rerun"]
+    self.assertEqual(
+        {(r.method, r.lr, r.seed, r.final) for r in rerun},
+        {(fm.BASELINE, 0.1, s, True) for s in CONFIG.final_seeds}
+        | {(fm.DEFAULT, 0.2, s, True) for s in CONFIG.final_seeds}
+        | {(fm.DEFAULT, 0.2, s, False) for s in CONFIG.tune_seeds})
+    self.assertEqual(rerun[0].key, "sgd baseline lr=0.1 seed=10 rerun")
+    # The first runs are planned too: a rerun never stands in for them.
+    keys = {r.key for r in runs}
+    self.assertIn("sgd baseline lr=0.1 seed=10", keys)
+    # AdamW has not chosen its rates: nothing to rerun yet.
+    _, runs = _plan(val, ("primary",), rerun=("sgd", "adamw"))
+    self.assertFalse(any(r.phase == "rerun" and r.optimizer == "adamw"
+                         for r in runs))
+
+
 def _final(opt, label, lr, seed, phase, test, val=0.5):
   smoothing = None if label == B else 0.1
   return {"key": f"{opt} {label} lr={lr!r} seed={seed}", "optimizer": opt,
@@ -286,8 +307,64 @@ class SummarizeTest(absltest.TestCase):
     # Neither the baseline nor the default is paired with the default.
     self.assertNotIn("default_delta_test", rows[B])
     self.assertNotIn("default_delta_test", rows[D])
-    self.assertIn("| cdg input 0.1 | 0.4 | -2.00 ± ",
+    self.assertIn("| cdg input 0.1 | secondary | 0.4 | -2.00 ± ",
                   fm.markdown(results))
+
+  def test_reruns_pair_the_secondary_runs_on_one_host(self):
+    records = _tuned("sgd", {B: 0.1, D: 0.2})
+    inp = "cdg input 0.1"
+    rows = ((0.80, 0.84, 0.79, 0.81, 0.83), (0.70, 0.75, 0.76, 0.72, 0.74))
+    for s, (b, d, i, b2, d2) in zip((10, 11), rows, strict=True):
+      records += [_final("sgd", B, 0.1, s, "primary", b),
+                  _final("sgd", D, 0.2, s, "primary", d),
+                  _final("sgd", inp, 0.4, s, "secondary", i)]
+      for label, lr, acc in ((B, 0.1, b2), (D, 0.2, d2)):
+        rec = _final("sgd", label, lr, s, "rerun", acc)
+        rec["key"] += " rerun"
+        records.append(rec)
+    results = fm.summarize(records, CONFIG, ("primary",), ("sgd",))
+    res = results["optimizers"]["sgd"]
+    by = {(r["method"], r["phase"]): r for r in res["rows"]}
+    self.assertEqual([(r["method"], r["phase"]) for r in res["rows"]],
+                     [(B, "primary"), (D, "primary"), (inp, "secondary"),
+                      (B, "rerun"), (D, "rerun")])
+    # The first runs' rows are as without reruns.
+    self.assertEqual(by[(D, "primary")]["delta_test"]["per_seed"],
+                     {10: 0.84 - 0.80, 11: 0.75 - 0.70})
+    # A rerun against its first run, and the primary delta on one host.
+    self.assertEqual(by[(B, "rerun")]["host_delta_test"]["per_seed"],
+                     {10: 0.81 - 0.80, 11: 0.72 - 0.70})
+    self.assertNotIn("delta_test", by[(B, "rerun")])
+    self.assertEqual(by[(D, "rerun")]["delta_test"]["per_seed"],
+                     {10: 0.83 - 0.81, 11: 0.74 - 0.72})
+    # The secondary row against the reruns.
+    self.assertEqual(by[(inp, "secondary")]["rerun_delta_test"]["per_seed"],
+                     {10: 0.79 - 0.81, 11: 0.76 - 0.72})
+    self.assertEqual(
+        by[(inp, "secondary")]["rerun_default_delta_test"]["per_seed"],
+        {10: 0.79 - 0.83, 11: 0.76 - 0.74})
+    self.assertNotIn("rerun_smoothing", res)  # no sweep recorded
+    md = fm.markdown(results)
+    self.assertIn("what the host changes (rerun)", md)
+    self.assertIn("| cdg input 0.1 | secondary | 0.4 | -1.00 ± ",
+                  md.split("Against the default's reruns")[1])
+
+  def test_the_smoothing_chosen_with_the_defaults_reruns(self):
+    records = _tuned("sgd", {B: 0.1, D: 0.2})
+    for s in CONFIG.tune_seeds:
+      for lam, acc in ((0.03, 0.85), (0.3, 0.92), (1.0, 0.8)):
+        records.append(_final("sgd", f"cdg output {lam:g}", 0.2, s,
+                              "secondary", None, val=acc))
+      rec = _final("sgd", D, 0.2, s, "rerun", None, val=0.93)
+      rec["key"] += " rerun"
+      records.append(rec)
+    res = fm.summarize(records, CONFIG, ("primary",),
+                       ("sgd",))["optimizers"]["sgd"]
+    # The first runs gave 0.1 a mean of 0.9 (0.3 wins); its reruns 0.93.
+    self.assertEqual(res["rerun_smoothing"]["choice"], 0.1)
+    self.assertAlmostEqual(res["rerun_smoothing"]["val"]["0.3"], 0.92)
+    # The reruns stay out of the first runs' tuning table.
+    self.assertEqual(res["tuning"][D]["0.2"], [0.9, 0.9])
 
   def test_a_mean_that_rounds_to_zero_has_no_sign_of_its_own(self):
     self.assertEqual(fm._pm({"mean": -2e-6, "ci95": 0.0013}, True),
@@ -404,19 +481,30 @@ class CommittedResultsTest(absltest.TestCase):
     records = fm.load_records(COMMITTED, fm.Config())
     self.assertLen(records, committed["runs"])
     again = json.loads(json.dumps(fm.summarize(
-        records, fm.Config(), committed["phases"])))
+        records, fm.Config(), committed["phases"], committed["rerun"])))
     self.assertEqual(again, committed)
     with open(os.path.join(COMMITTED, "results.md")) as f:
       self.assertEqual(f.read(), fm.markdown(committed))
     # Every final seed's test accuracy is a record's, and every delta is
     # the difference of two records of the same seed.
     by = by_key(records)
+
+    def key(opt, label, lr, seed, rerun):
+      return f"{opt} {label} lr={lr!r} seed={seed}" + " rerun" * rerun
+
     for opt, res in committed["optimizers"].items():
       for row in res["rows"]:
-        for name, lr in (("delta_test", res["baseline_lr"]),
-                         ("same_rate_delta_test", row["lr"])):
+        rerun = row["phase"] == "rerun"
+        against = {  # which record each delta subtracts
+            "delta_test": (B, res["baseline_lr"], rerun),
+            "same_rate_delta_test": (B, row["lr"], False),
+            "default_delta_test": (D, res["default_lr"], False),
+            "host_delta_test": (row["method"], row["lr"], False),
+            "rerun_delta_test": (B, res["baseline_lr"], True),
+            "rerun_default_delta_test": (D, res["default_lr"], True)}
+        for name, (label, lr, base_rerun) in against.items():
           for seed, delta in row.get(name, {}).get("per_seed", {}).items():
-            mine = by[f"{opt} {row['method']} lr={row['lr']!r} seed={seed}"]
-            theirs = by[f"{opt} {B} lr={lr!r} seed={seed}"]
+            mine = by[key(opt, row["method"], row["lr"], seed, rerun)]
+            theirs = by[key(opt, label, lr, seed, base_rerun)]
             self.assertAlmostEqual(delta,
                                    mine["test_acc"] - theirs["test_acc"])
