@@ -314,17 +314,26 @@ class Planner:
       self.runs += [Run(phase, optimizer, method, lr, s, final=True)
                     for s in self.config.final_seeds]
 
+  def smoothing_vals(self, optimizer: str, lr: float, rerun: bool = False
+                     ) -> dict[float, list[float]] | None:
+    """The validation accuracies per smoothing at the default's rate (the
+    default first), the default's from its reruns if `rerun`, or None if
+    runs are missing."""
+    options = [DEFAULT.smoothing, *self.config.sweep]
+    vals = {}
+    for lam in options:
+      phase = "rerun" if rerun and lam == DEFAULT.smoothing else "secondary"
+      got = self._tune(phase, optimizer, Method(lam), [lr])
+      if got is not None:
+        vals[lam] = got[lr]
+    return vals if len(vals) == len(options) else None
+
   def smoothing(self, optimizer: str, lr: float) -> float | None:
     """The smoothing of the highest mean validation accuracy at the
     default's rate (the default first on a tie), or None if runs are
     missing."""
-    options = [DEFAULT.smoothing, *self.config.sweep]
-    vals = {}
-    for lam in options:
-      got = self._tune("secondary", optimizer, Method(lam), [lr])
-      if got is not None:
-        vals[lam] = got[lr]
-    return select_lr(vals) if len(vals) == len(options) else None
+    vals = self.smoothing_vals(optimizer, lr)
+    return None if vals is None else select_lr(vals)
 
   def plan(self, phases: Sequence[str],
            rerun: Sequence[str] = ()) -> list[Run]:
@@ -355,8 +364,7 @@ class Planner:
                     self.learning_rate("primary", opt, method))
       lr = self.learning_rate("primary", opt, DEFAULT)
       if lr is not None:  # for the smoothing's choice on one host
-        self.runs += [Run("rerun", opt, DEFAULT, lr, s, final=False)
-                      for s in self.config.tune_seeds]
+        self._tune("rerun", opt, DEFAULT, [lr])
     seen, out = set(), []
     for r in self.runs:  # a run may be planned twice (a shared tuning run)
       if r.key not in seen:
@@ -633,19 +641,12 @@ def summarize(records: Sequence[dict], config: Config,
            "default_lr": default_lr, "rows": rows}
     # The smoothing's choice with every value's tuning runs from one host:
     # the default's own from its reruns.
-    tuned_again = [by_key.get(Run("rerun", opt, DEFAULT, default_lr, s,
-                                  final=False).key)
-                   for s in config.tune_seeds]
-    if default_lr is not None and all(tuned_again):
-      vals = {DEFAULT.smoothing: [r["val_acc"] for r in tuned_again]}
-      for lam in config.sweep:
-        got = tuning.get(Method(lam).label, {}).get(repr(default_lr))
-        if got is not None and len(got) == len(config.tune_seeds):
-          vals[lam] = got
-      if len(vals) == 1 + len(config.sweep):
-        res["rerun_smoothing"] = {
-            "val": {repr(lam): float(np.mean(v)) for lam, v in vals.items()},
-            "choice": select_lr(vals)}
+    vals = (None if default_lr is None
+            else planner.smoothing_vals(opt, default_lr, rerun=True))
+    if vals is not None:
+      res["rerun_smoothing"] = {
+          "val": {repr(lam): float(np.mean(v)) for lam, v in vals.items()},
+          "choice": select_lr(vals)}
     out["optimizers"][opt] = res
   out["runs"] = len(by_key)
   out["hours"] = sum(r["seconds"] for r in records) / 3600
